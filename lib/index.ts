@@ -1,0 +1,10 @@
+/** kvflash: the public API. */
+export { KvflashError } from './errors';
+export type { ErrorCode } from './errors';
+export { DTYPES, dtypeBytes } from './dtype';
+export type { DType, HostArray } from './dtype';
+export { backend } from './native';
+export type { BackendInfo, MemoryStats } from './native';
+export { Tensor } from './tensor';
+export type { ArrayData, DeviceName, TensorOptions } from './tensor';
+export { emptyCache, gpuBusyWait, memory, setMemoryLimit, synchronize } from './runtime';

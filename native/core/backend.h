@@ -1,0 +1,54 @@
+// The one place ops are dispatched: each device type has a Backend, and every op is a method on it.
+// The CPU backend is the reference; the CUDA backend is compiled in only when nvcc was found.
+// Ops take tensors already checked by the binding (dtype, device, shape) and never allocate pages
+// or know about sequences.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "tensor.h"
+
+namespace kvflash {
+
+struct DeviceInfo {
+  std::string name;                 // "NVIDIA H100 80GB HBM3"
+  std::string compute_capability;  // "9.0"
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual CachingAllocator& allocator(const Device& device) = 0;
+  // Host memory this backend's devices copy into without blocking the caller (pinned for CUDA).
+  virtual CachingAllocator& host_staging_allocator() = 0;
+  // Number of usable devices of this type, or 0 with the reason in *why.
+  virtual int device_count(std::string* why) = 0;
+  virtual DeviceInfo device_info(const Device& device) = 0;
+
+  // Copies src's bytes into dst (same byte count). One side may be host memory; the copy is
+  // ordered after earlier work on the device. A device-to-host copy sets dst's pending_fill.
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  virtual void fill(Tensor& dst, double value) = 0;
+  // Element-wise conversion between any two dtypes of the same element count (round to nearest
+  // even for floats, saturation as dtype.h defines, truncation toward zero for float -> integer).
+  virtual void cast(const Tensor& src, Tensor& dst) = 0;
+  // Work queued so far on the device; wait() on the result blocks until it is done.
+  virtual std::shared_ptr<PendingWork> record(const Device& device) = 0;
+
+  // Test support: keeps the device busy for about `ms` milliseconds.
+  virtual void busy_wait(const Device& device, double ms) = 0;
+};
+
+Backend& cpu_backend();
+// Throws E_DEVICE when the binary was built without CUDA.
+Backend& cuda_backend();
+bool has_cuda_backend();
+Backend& backend_for(const Device& device);
+
+// A new, uninitialised tensor from the device's caching allocator.
+Tensor empty(const Shape& shape, DType dtype, const Device& device);
+// Moves a tensor to another device (a copy even when the device is the same).
+Tensor to_device(const Tensor& src, const Device& device);
+
+}  // namespace kvflash

@@ -1,0 +1,67 @@
+// The reference backend: plain C++ over host memory, synchronous, float32 arithmetic.
+#include <cstdlib>
+#include <cstring>
+
+#include "../core/backend.h"
+#include "../core/element_access.h"
+
+namespace kvflash {
+namespace {
+
+struct HostMemory : RawMemory {
+  void* allocate(size_t bytes) override {
+    // 64-byte alignment: whole cache lines, and enough for any vector load of the host code.
+    return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  }
+  void release(void* ptr) override { std::free(ptr); }
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CachingAllocator& allocator(const Device&) override { return allocator_; }
+  CachingAllocator& host_staging_allocator() override { return allocator_; }
+
+  int device_count(std::string*) override { return 1; }
+  DeviceInfo device_info(const Device&) override { return {"host CPU", ""}; }
+
+  void copy(const Tensor& src, Tensor& dst) override {
+    src.wait_host_ready();
+    dst.wait_host_ready();
+    std::memmove(dst.data(), src.data(), src.nbytes());
+  }
+
+  void fill(Tensor& dst, double value) override {
+    dst.wait_host_ready();
+    const size_t width = dtype_size(dst.dtype());
+    char element[8];
+    encode_scalar(dst.dtype(), value, element);
+    char* bytes = static_cast<char*>(dst.data());
+    for (int64_t i = 0; i < dst.numel(); ++i) std::memcpy(bytes + i * width, element, width);
+  }
+
+  void cast(const Tensor& src, Tensor& dst) override {
+    src.wait_host_ready();
+    dst.wait_host_ready();
+    const int64_t n = src.numel();
+    for (int64_t i = 0; i < n; ++i) cast_element(src.dtype(), src.data(), dst.dtype(), dst.data(), i);
+  }
+
+  std::shared_ptr<PendingWork> record(const Device&) override { return nullptr; }
+
+  void busy_wait(const Device&, double) override {
+    fail(ErrorCode::Unsupported, "Expected a cuda device for busy_wait but received cpu");
+  }
+
+ private:
+  HostMemory memory_;
+  CachingAllocator allocator_{"cpu", &memory_};
+};
+
+}  // namespace
+
+Backend& cpu_backend() {
+  static CpuBackend backend;
+  return backend;
+}
+
+}  // namespace kvflash

@@ -1,0 +1,170 @@
+// The CUDA backend: per-device caching allocators and streams, copies between host and device, and
+// dispatch of each op to its kernel family.
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../core/backend.h"
+#include "../core/element_access.h"
+#include "context.h"
+#include "elementwise.h"
+
+namespace kvflash {
+namespace cuda {
+
+void check(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();  // clear the sticky-free error so later calls are not blamed for it
+  if (status == cudaErrorMemoryAllocation) fail(ErrorCode::OutOfMemory, "CUDA out of memory in ", what);
+  fail(ErrorCode::Cuda, "CUDA error in ", what, ": ", cudaGetErrorString(status));
+}
+
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+namespace {
+
+struct DeviceMemory : RawMemory {
+  void* allocate(size_t bytes) override {
+    void* ptr = nullptr;
+    if (cudaMalloc(&ptr, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return ptr;
+  }
+  void release(void* ptr) override { cudaFree(ptr); }
+};
+
+struct PinnedMemory : RawMemory {
+  void* allocate(size_t bytes) override {
+    void* ptr = nullptr;
+    if (cudaMallocHost(&ptr, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return ptr;
+  }
+  void release(void* ptr) override { cudaFreeHost(ptr); }
+};
+
+// Work queued on a stream; the waiting thread sleeps rather than spins (cudaEventBlockingSync).
+struct EventWork : PendingWork {
+  explicit EventWork(cudaStream_t stream) {
+    KV_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync));
+    KV_CUDA(cudaEventRecord(event, stream));
+  }
+  ~EventWork() override { cudaEventDestroy(event); }
+  void wait() override { KV_CUDA(cudaEventSynchronize(event)); }
+  cudaEvent_t event{};
+};
+
+struct DeviceState {
+  explicit DeviceState(int index) : allocator("cuda:" + std::to_string(index), &memory) {
+    KV_CUDA(cudaSetDevice(index));
+    KV_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  DeviceMemory memory;
+  CachingAllocator allocator;
+  cudaStream_t stream{};
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CachingAllocator& allocator(const Device& device) override { return state(device).allocator; }
+  CachingAllocator& host_staging_allocator() override { return pinned_allocator_; }
+
+  int device_count(std::string* why) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    probe_locked();
+    if (why) *why = probe_error_;
+    return device_count_;
+  }
+
+  DeviceInfo device_info(const Device& device) override {
+    state(device);
+    cudaDeviceProp prop{};
+    KV_CUDA(cudaGetDeviceProperties(&prop, device.index));
+    return {prop.name, std::to_string(prop.major) + "." + std::to_string(prop.minor)};
+  }
+
+  void copy(const Tensor& src, Tensor& dst) override {
+    const Device& gpu = src.device().is_cuda() ? src.device() : dst.device();
+    cudaStream_t stream = state(gpu).stream;
+    if (src.device().is_cuda() && dst.device().is_cuda() && src.device() != dst.device()) {
+      EventWork dst_ready(state(dst.device()).stream);  // earlier work on the destination comes first
+      KV_CUDA(cudaStreamWaitEvent(stream, dst_ready.event, 0));
+    }
+    if (!dst.device().is_cuda()) dst.wait_host_ready();
+    KV_CUDA(cudaMemcpyAsync(dst.data(), src.data(), src.nbytes(), cudaMemcpyDefault, stream));
+    if (!dst.device().is_cuda()) dst.storage()->pending_fill = std::make_shared<EventWork>(stream);
+  }
+
+  void fill(Tensor& dst, double value) override {
+    char element[8];
+    encode_scalar(dst.dtype(), value, element);
+    cuda::launch_fill(dst.data(), element, dtype_size(dst.dtype()), dst.numel(), state(dst.device()).stream);
+  }
+
+  void cast(const Tensor& src, Tensor& dst) override {
+    cuda::launch_cast(src.dtype(), src.data(), dst.dtype(), dst.data(), src.numel(), state(src.device()).stream);
+  }
+
+  std::shared_ptr<PendingWork> record(const Device& device) override {
+    return std::make_shared<EventWork>(state(device).stream);
+  }
+
+  void busy_wait(const Device& device, double ms) override { cuda::launch_busy_wait(ms, state(device).stream); }
+
+  DeviceState& state(const Device& device) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    probe_locked();
+    KV_CHECK(device_count_ > 0, Device, "Expected a CUDA device for a cuda tensor but none is usable: ", probe_error_);
+    KV_CHECK(device.index < device_count_, Device, "Expected a device index below ", device_count_,
+             " but received ", device.name());
+    auto& slot = states_[static_cast<size_t>(device.index)];
+    if (!slot) slot = std::make_unique<DeviceState>(device.index);
+    KV_CUDA(cudaSetDevice(device.index));
+    return *slot;
+  }
+
+ private:
+  void probe_locked() {
+    if (probed_) return;
+    probed_ = true;
+    const cudaError_t status = cudaGetDeviceCount(&device_count_);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      device_count_ = 0;
+      probe_error_ = cudaGetErrorString(status);
+    } else if (device_count_ == 0) {
+      probe_error_ = "no CUDA device found";
+    }
+    states_.resize(static_cast<size_t>(device_count_));
+  }
+
+  std::mutex mutex_;
+  bool probed_ = false;
+  int device_count_ = 0;
+  std::string probe_error_;
+  std::vector<std::unique_ptr<DeviceState>> states_;
+  PinnedMemory pinned_memory_;
+  CachingAllocator pinned_allocator_{"cpu (pinned)", &pinned_memory_};
+};
+
+// Never destroyed: at process exit the CUDA runtime may already be gone, and the OS reclaims all.
+CudaBackend& the_backend() {
+  static CudaBackend* backend = new CudaBackend();
+  return *backend;
+}
+
+}  // namespace
+
+cudaStream_t stream_for(const Device& device) { return the_backend().state(device).stream; }
+
+}  // namespace cuda
+
+Backend& cuda_backend() { return cuda::the_backend(); }
+bool has_cuda_backend() { return true; }
+
+}  // namespace kvflash

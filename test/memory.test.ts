@@ -1,0 +1,63 @@
+// The caching allocator's policy, exercised on host memory (the CUDA suite repeats it on a GPU).
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { emptyCache, KvflashError, memory, setMemoryLimit, Tensor } from '../lib/index';
+
+afterEach(() => setMemoryLimit('cpu', 0));
+
+describe('caching allocator (cpu)', () => {
+  it('reuses a freed block for the next request of its size', () => {
+    const before = memory('cpu');
+    const a = Tensor.empty([1 << 18]); // 1 MiB
+    const afterAlloc = memory('cpu');
+    expect(afterAlloc.inUse - before.inUse).toBeGreaterThanOrEqual(1 << 20);
+    a.dispose();
+    const afterFree = memory('cpu');
+    expect(afterFree.inUse).toBe(before.inUse);
+    expect(afterFree.cached).toBeGreaterThanOrEqual(1 << 20);
+    const b = Tensor.empty([1 << 18]);
+    const reused = memory('cpu');
+    expect(reused.cacheHits).toBe(afterFree.cacheHits + 1);
+    expect(reused.inUse + reused.cached).toBe(afterFree.inUse + afterFree.cached); // nothing new reserved
+    b.dispose();
+  });
+
+  it('tracks the peak and gives the cache back on emptyCache', () => {
+    const t = Tensor.empty([3 << 20]); // 12 MiB
+    expect(memory('cpu').peak).toBeGreaterThanOrEqual(12 << 20);
+    t.dispose();
+    expect(memory('cpu').cached).toBeGreaterThanOrEqual(12 << 20);
+    emptyCache('cpu');
+    expect(memory('cpu').cached).toBe(0);
+  });
+
+  it('fails a request past the limit with E_OOM naming its size, and recovers', () => {
+    emptyCache('cpu');
+    setMemoryLimit('cpu', memory('cpu').inUse + (8 << 20));
+    const kept = Tensor.empty([1 << 20]); // 4 MiB fits
+    let error: unknown;
+    try {
+      Tensor.empty([2 << 20]); // 8 MiB more does not
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(KvflashError);
+    expect((error as KvflashError).code).toBe('E_OOM');
+    expect((error as KvflashError).message).toMatch(/^Out of memory on cpu: could not allocate 8388608 bytes \(\d+ bytes in use, limit \d+ bytes\)$/);
+    kept.dispose();
+    using after = Tensor.empty([2 << 20]); // the freed block plus headroom now fit
+    expect(after.disposed).toBe(false);
+  });
+
+  it('frees a tensor dropped without dispose when the garbage collector runs (safety net)', async () => {
+    const gc = (globalThis as { gc?: () => void }).gc;
+    if (!gc) return expect(typeof gc).toBe('undefined'); // gc needs --expose-gc; dispose() is the real API
+    const before = memory('cpu').inUse;
+    (() => Tensor.empty([1 << 20]))();
+    for (let i = 0; i < 5 && memory('cpu').inUse > before; i++) {
+      gc();
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(memory('cpu').inUse).toBe(before);
+  });
+});
