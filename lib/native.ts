@@ -16,6 +16,13 @@ export interface TensorHandle {
   isDisposed(): boolean;
 }
 
+/** Opaque native page-table handle (see ops/page-table.ts). */
+export interface PageTableNativeHandle {
+  readonly batch: number;
+  readonly maxPages: number;
+  dispose(): void;
+}
+
 export interface MemoryStats {
   /** Bytes of blocks handed out to live tensors. */
   inUse: number;
@@ -48,6 +55,15 @@ export interface NativeBinding {
   reshape(t: TensorHandle, shape: readonly number[]): TensorHandle;
   reinterpret(t: TensorHandle, dtype: string, shape: readonly number[]): TensorHandle;
   read(t: TensorHandle, asFloat: boolean): Promise<ArrayBuffer>;
+  prefill(q: TensorHandle, k: TensorHandle, v: TensorHandle, cuSeqlensQ: Int32Array, cuSeqlensK: Int32Array,
+    causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+  stagePageTable(indptr: Int32Array, indices: Int32Array, lastPageLen: Int32Array, device: string): PageTableNativeHandle;
+  pagedPrefill(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, cuSeqlensQ: Int32Array,
+    causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+  pagedDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, scale: number,
+    returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+  appendPagedKV(k: TensorHandle, v: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle,
+    batchIndices: Int32Array, positions: Int32Array): void;
   buildInfo(): BuildInfo;
   memoryStats(device: string): MemoryStats;
   emptyCache(device: string): void;

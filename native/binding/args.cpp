@@ -1,5 +1,6 @@
 #include "args.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace kvflash::binding {
@@ -84,6 +85,27 @@ Shape get_shape(const Napi::Value& v, const char* name) {
   KV_CHECK(elements < 9.0e15, Shape, "Expected fewer than 2^53 elements for ", name, " but received ",
            shape_str(shape));
   return shape;
+}
+
+HostInts get_ints(const Napi::Value& v, const char* name) {
+  const bool ok = v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_int32_array;
+  KV_CHECK(ok, Dtype, "Expected Int32Array for ", name, " but received ", describe_value(v));
+  const Napi::Int32Array a = v.As<Napi::Int32Array>();
+  return {a.Data(), static_cast<int64_t>(a.ElementLength())};
+}
+
+int check_offsets(const HostInts& a, int64_t total, const char* name, const char* rows_of, int* max_len) {
+  KV_CHECK(a.size >= 2, Shape, "Expected at least 2 entries (B+1) for ", name, " but received ", a.size);
+  KV_CHECK(a[0] == 0, Range, "Expected ", name, "[0] = 0 but received ", a[0]);
+  *max_len = 0;
+  for (int64_t i = 1; i < a.size; ++i) {
+    KV_CHECK(a[i] >= a[i - 1], Range, "Expected ", name, " to never decrease but received ", name, "[", i, "] = ", a[i],
+             " after ", a[i - 1]);
+    *max_len = std::max(*max_len, a[i] - a[i - 1]);
+  }
+  KV_CHECK(a[a.size - 1] == total, Range, "Expected ", name, " to end at ", total, " (the rows of ", rows_of,
+           ") but received ", a[a.size - 1]);
+  return static_cast<int>(a.size - 1);
 }
 
 }  // namespace kvflash::binding

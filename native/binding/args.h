@@ -22,6 +22,18 @@ Device get_device(const Napi::Value& v, const char* name);
 // A shape: an array of non-negative integers.
 Shape get_shape(const Napi::Value& v, const char* name);
 
+// A borrowed view of a JS Int32Array, valid during the call.
+struct HostInts {
+  const int32_t* data = nullptr;
+  int64_t size = 0;
+  int32_t operator[](int64_t i) const { return data[i]; }
+};
+HostInts get_ints(const Napi::Value& v, const char* name);
+
+// Offsets [B+1]: from 0, never decreasing, ending at `total` (the rows that `rows_of` has).
+// Returns B and sets *max_len to the largest difference.
+int check_offsets(const HostInts& a, int64_t total, const char* name, const char* rows_of, int* max_len);
+
 // Runs an exported function, turning kvflash::Error into a JS Error with `code` set.
 template <Napi::Value (*F)(const Napi::CallbackInfo&)>
 Napi::Value guarded(const Napi::CallbackInfo& info);

@@ -1,25 +1,20 @@
 #include "tensor_handle.h"
 
+#include "addon_data.h"
 #include "args.h"
 
 namespace kvflash::binding {
-namespace {
-struct AddonData {
-  Napi::FunctionReference tensor_constructor;
-};
-}  // namespace
 
 void TensorHandle::define(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = DefineClass(env, "TensorHandle",
                                     {InstanceMethod<&TensorHandle::dispose>("dispose"),
                                      InstanceMethod<&TensorHandle::is_disposed>("isDisposed")});
-  auto* data = new AddonData{Napi::Persistent(ctor)};
-  env.SetInstanceData<AddonData>(data);
+  addon_data(env).tensor_constructor = Napi::Persistent(ctor);
   exports.Set("TensorHandle", ctor);
 }
 
 Napi::Object TensorHandle::wrap(Napi::Env env, Tensor tensor) {
-  Napi::Object obj = env.GetInstanceData<AddonData>()->tensor_constructor.New({});
+  Napi::Object obj = addon_data(env).tensor_constructor.New({});
   Unwrap(obj)->tensor_ = std::move(tensor);
   return obj;
 }
@@ -27,7 +22,7 @@ Napi::Object TensorHandle::wrap(Napi::Env env, Tensor tensor) {
 const Tensor& TensorHandle::unwrap(const Napi::Value& v, const char* name) {
   const Napi::Env env = v.Env();
   const bool is_handle =
-      v.IsObject() && v.As<Napi::Object>().InstanceOf(env.GetInstanceData<AddonData>()->tensor_constructor.Value());
+      v.IsObject() && v.As<Napi::Object>().InstanceOf(addon_data(env).tensor_constructor.Value());
   KV_CHECK(is_handle, Dtype, "Expected Tensor for ", name, " but received ", describe_value(v));
   const Tensor& t = Unwrap(v.As<Napi::Object>())->tensor_;
   KV_CHECK(t.defined(), Disposed, "Expected a live Tensor for ", name, " but received a disposed one");

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "attention_params.h"
 #include "tensor.h"
 
 namespace kvflash {
@@ -35,6 +36,12 @@ class Backend {
   virtual void cast(const Tensor& src, Tensor& dst) = 0;
   // Work queued so far on the device; wait() on the result blocks until it is done.
   virtual std::shared_ptr<PendingWork> record(const Device& device) = 0;
+
+  // Attention (attention_params.h has the layouts). Inputs were checked by the binding.
+  virtual void prefill(const Device& device, const PrefillParams& p) = 0;
+  virtual void paged_prefill(const Device& device, const PagedPrefillParams& p) = 0;
+  virtual void paged_decode(const Device& device, const DecodeParams& p) = 0;
+  virtual void append_paged_kv(const Device& device, const AppendParams& p) = 0;
 
   // Test support: keeps the device busy for about `ms` milliseconds.
   virtual void busy_wait(const Device& device, double ms) = 0;

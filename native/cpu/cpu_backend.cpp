@@ -4,6 +4,7 @@
 
 #include "../core/backend.h"
 #include "../core/element_access.h"
+#include "attention.h"
 
 namespace kvflash {
 namespace {
@@ -45,6 +46,11 @@ class CpuBackend final : public Backend {
     const int64_t n = src.numel();
     for (int64_t i = 0; i < n; ++i) cast_element(src.dtype(), src.data(), dst.dtype(), dst.data(), i);
   }
+
+  void prefill(const Device&, const PrefillParams& p) override { cpu::prefill(p); }
+  void paged_prefill(const Device&, const PagedPrefillParams& p) override { cpu::paged_prefill(p); }
+  void paged_decode(const Device&, const DecodeParams& p) override { cpu::paged_decode(p); }
+  void append_paged_kv(const Device&, const AppendParams& p) override { cpu::append_paged_kv(p); }
 
   std::shared_ptr<PendingWork> record(const Device&) override { return nullptr; }
 

@@ -7,8 +7,11 @@
 
 #include "../core/backend.h"
 #include "../core/element_access.h"
+#include "append.h"
 #include "context.h"
+#include "decode.h"
 #include "elementwise.h"
+#include "prefill.h"
 
 namespace kvflash {
 namespace cuda {
@@ -108,6 +111,24 @@ class CudaBackend final : public Backend {
 
   void cast(const Tensor& src, Tensor& dst) override {
     cuda::launch_cast(src.dtype(), src.data(), dst.dtype(), dst.data(), src.numel(), state(src.device()).stream);
+  }
+
+  void prefill(const Device& device, const PrefillParams& p) override { launch_prefill(p, state(device).stream); }
+
+  void paged_prefill(const Device& device, const PagedPrefillParams& p) override {
+    launch_paged_prefill(p, state(device).stream);
+  }
+
+  void paged_decode(const Device& device, const DecodeParams& p) override {
+    cudaStream_t stream = state(device).stream;
+    // Scratch for split-K partials comes from the caching allocator, so steady decoding reuses it.
+    const size_t bytes = paged_decode_workspace_bytes(p);
+    Tensor workspace = bytes ? empty({static_cast<int64_t>(bytes)}, DType::U8, device) : Tensor();
+    launch_paged_decode(p, bytes ? workspace.data() : nullptr, stream);
+  }
+
+  void append_paged_kv(const Device& device, const AppendParams& p) override {
+    launch_append_paged_kv(p, state(device).stream);
   }
 
   std::shared_ptr<PendingWork> record(const Device& device) override {

@@ -1,0 +1,110 @@
+/**
+ * Attention over ragged batches and paged KV caches (layouts in native/core/attention_params.h).
+ *
+ * q [Nq, H, D]; k, v [Nk, Hkv, D]; pages [numPages, P, Hkv, D]; H % Hkv == 0 (GQA, any ratio).
+ * Causal masks align queries to the end of their key sequence, so a chunk of new tokens attends to
+ * its cached prefix. Index arrays are checked on the host before any kernel runs.
+ */
+import { callNative } from '../errors';
+import { native, TensorHandle } from '../native';
+import { Tensor } from '../tensor';
+import { IntArray, toInt32Array } from './int-arrays';
+import { PageTable, StagedPageTable, withStagedTable } from './page-table';
+
+/** One layer's page pool: kPages and vPages [numPages, pageSize, kvHeads, headDim]. */
+export interface KVPages {
+  kPages: Tensor;
+  vPages: Tensor;
+}
+
+export interface MaskOptions {
+  /** Default true: query i of Sq sees keys up to position Sk - Sq + i. */
+  causal?: boolean;
+  /** Keys at most this far left of the query's position are seen; -1 (default) for no window. */
+  windowLeft?: number;
+  /** Multiplies q·k; default 1/sqrt(headDim). */
+  scale?: number;
+  /** Also return lse [Nq, H] (f32, natural log of the softmax denominator). */
+  returnLse?: boolean;
+}
+
+export interface PrefillOptions extends MaskOptions {
+  /** Row offsets of each sequence in q: [B+1], from 0 to Nq. */
+  cuSeqlensQ: IntArray;
+  /** Row offsets of each sequence in k and v: [B+1], from 0 to Nk. */
+  cuSeqlensK: IntArray;
+}
+
+export interface PagedPrefillOptions extends MaskOptions {
+  /** Row offsets of each sequence in q: [B+1], from 0 to Nq. The paged sequences already hold these tokens. */
+  cuSeqlensQ: IntArray;
+}
+
+export interface DecodeOptions {
+  scale?: number;
+  returnLse?: boolean;
+}
+
+export interface AttentionResult {
+  /** [Nq, H, D], q's dtype. */
+  out: Tensor;
+  /** [Nq, H] f32, when returnLse was set. */
+  lse?: Tensor;
+}
+
+function wrapResult(q: Tensor, [out, lse]: [TensorHandle, TensorHandle | undefined]): AttentionResult {
+  const result: AttentionResult = { out: new Tensor(out, q.dtype, q.shape, q.device) };
+  if (lse) result.lse = new Tensor(lse, 'f32', [q.shape[0]!, q.shape[1]!], q.device);
+  return result;
+}
+
+function defaultScale(q: Tensor): number {
+  return 1 / Math.sqrt(q.shape[2] ?? 1);
+}
+
+/** Attention of a ragged batch of queries over a ragged batch of keys and values. */
+export function prefillAttention(q: Tensor, k: Tensor, v: Tensor, opts: PrefillOptions): AttentionResult {
+  const cuQ = toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
+  const cuK = toInt32Array(opts.cuSeqlensK, 'cuSeqlensK');
+  const handles = [q.handle(), k.handle(), v.handle()] as const;
+  const result = callNative(() =>
+    native().prefill(...handles, cuQ, cuK, opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false),
+  );
+  return wrapResult(q, result);
+}
+
+/** Queries attend to their sequence's paged KV, which already holds them (chunked prefill, prefix reuse). */
+export function pagedPrefillAttention(q: Tensor, pages: KVPages, table: PageTable | StagedPageTable, opts: PagedPrefillOptions): AttentionResult {
+  const cuQ = toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
+  const handles = [q.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
+  const result = withStagedTable(table, q.device, (staged) =>
+    callNative(() =>
+      native().pagedPrefill(...handles, staged, cuQ, opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false),
+    ),
+  );
+  return wrapResult(q, result);
+}
+
+/** One new token per sequence (q [B, H, D]) over its whole paged sequence. */
+export function pagedDecodeAttention(q: Tensor, pages: KVPages, table: PageTable | StagedPageTable, opts: DecodeOptions = {}): AttentionResult {
+  const handles = [q.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
+  const result = withStagedTable(table, q.device, (staged) =>
+    callNative(() => native().pagedDecode(...handles, staged, opts.scale ?? defaultScale(q), opts.returnLse ?? false)),
+  );
+  return wrapResult(q, result);
+}
+
+export interface AppendPositions {
+  /** For each new token, the sequence (index into the page table) it belongs to. */
+  batchIndices: IntArray;
+  /** For each new token, its position in that sequence (the table already counts it). */
+  positions: IntArray;
+}
+
+/** Writes new tokens' keys and values (k, v [N, Hkv, D]) into their pages, in place. */
+export function appendPagedKV(k: Tensor, v: Tensor, pages: KVPages, table: PageTable | StagedPageTable, where: AppendPositions): void {
+  const batchIndices = toInt32Array(where.batchIndices, 'batchIndices');
+  const positions = toInt32Array(where.positions, 'positions');
+  const handles = [k.handle(), v.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
+  withStagedTable(table, k.device, (staged) => callNative(() => native().appendPagedKV(...handles, staged, batchIndices, positions)));
+}

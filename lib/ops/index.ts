@@ -1,0 +1,3 @@
+/** The typed op wrappers, as `kvflash.ops`. */
+export { appendPagedKV, pagedDecodeAttention, pagedPrefillAttention, prefillAttention } from './attention';
+export { StagedPageTable } from './page-table';

@@ -1,0 +1,265 @@
+// Attention ops: every pointer contract is checked here on the host, before any kernel runs, so a
+// kernel never sees an index outside its buffers. Index arrays arrive as Int32Arrays (host), are
+// checked, and are uploaded to the op's device.
+#include <cmath>
+#include <string>
+
+#include "../core/backend.h"
+#include "args.h"
+#include "exports.h"
+#include "page_table.h"
+#include "tensor_handle.h"
+
+namespace kvflash::binding {
+namespace {
+
+// The array on the op's device: the host copy itself on the CPU (ops there finish within the call),
+// an upload on a GPU.
+Tensor on_device(const HostInts& a, const Device& device) {
+  const Tensor host(std::make_shared<Storage>(const_cast<int32_t*>(a.data), a.size * 4, Device{}, nullptr), 0,
+                    DType::I32, {a.size});
+  return device.is_cuda() ? to_device(host, device) : host;
+}
+
+const Tensor& get_tensor(const Napi::Value& v, const char* name, int rank) {
+  const Tensor& t = TensorHandle::unwrap(v, name);
+  KV_CHECK(t.dim() == rank, Shape, "Expected rank ", rank, " for ", name, " but received ", t.describe());
+  return t;
+}
+
+void check_float_input(const Tensor& t, const char* name) {
+  const bool gpu = t.device().is_cuda();
+  const bool ok = t.dtype() == DType::BF16 || t.dtype() == DType::F16 || (!gpu && t.dtype() == DType::F32);
+  KV_CHECK(ok, Dtype, "Expected ", gpu ? "bf16 or f16" : "bf16, f16 or f32", " for ", name, " but received ",
+           t.describe());
+}
+
+void check_same(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  KV_CHECK(t.device() == ref.device(), Device, "Expected ", name, " on ", ref.device().name(), " like ", ref_name,
+           " but received ", t.describe());
+  KV_CHECK(t.dtype() == ref.dtype(), Dtype, "Expected ", name, " of dtype ", dtype_name(ref.dtype()), " like ", ref_name,
+           " but received ", t.describe());
+}
+
+AttentionShape check_heads(const Tensor& q, int64_t kv_heads, int64_t kv_dim, const char* kv_name) {
+  AttentionShape s;
+  s.num_q_heads = static_cast<int>(q.size(1));
+  s.num_kv_heads = static_cast<int>(kv_heads);
+  s.head_dim = static_cast<int>(q.size(2));
+  KV_CHECK(kv_dim == s.head_dim, Shape, "Expected head dim ", s.head_dim, " (from q) for ", kv_name, " but received ",
+           kv_dim);
+  KV_CHECK(kv_heads > 0 && s.num_q_heads > 0 && s.num_q_heads % kv_heads == 0, Shape, "Expected the ", kv_name,
+           " heads to divide the ", s.num_q_heads, " query heads but received ", kv_heads);
+  const bool dim_ok = q.device().is_cuda() ? (s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256)
+                                           : s.head_dim > 0;
+  KV_CHECK(dim_ok, Unsupported, "Expected head dim 64, 128 or 256 on a GPU but received ", s.head_dim);
+  return s;
+}
+
+AttentionMask get_mask(const Napi::CallbackInfo& info, int first_arg) {
+  AttentionMask m;
+  m.causal = get_bool(info[first_arg], "causal");
+  m.window_left = static_cast<int>(get_int(info[first_arg + 1], "windowLeft", -1, INT32_MAX));
+  m.scale = static_cast<float>(get_number(info[first_arg + 2], "scale"));
+  KV_CHECK(std::isfinite(m.scale) && m.scale > 0, Range, "Expected a positive finite number for scale but received ",
+           m.scale);
+  return m;
+}
+
+// One layer's page pool and a staged page table over it.
+struct PagedInputs {
+  Tensor k_pages, v_pages;
+  std::shared_ptr<const StagedPageTable> table;
+  PagedKV kv;
+};
+
+PagedInputs get_paged(const Napi::CallbackInfo& info, int first_arg, const Tensor& like, const char* like_name) {
+  PagedInputs in;
+  in.k_pages = get_tensor(info[first_arg], "kPages", 4);
+  in.v_pages = get_tensor(info[first_arg + 1], "vPages", 4);
+  check_same(in.k_pages, like, "kPages", like_name);
+  check_same(in.v_pages, like, "vPages", like_name);
+  KV_CHECK(in.v_pages.shape() == in.k_pages.shape(), Shape, "Expected vPages of shape ", shape_str(in.k_pages.shape()),
+           " like kPages but received ", shape_str(in.v_pages.shape()));
+  const int64_t page_size = in.k_pages.size(1);
+  KV_CHECK(page_size >= 1 && page_size <= 256 && (page_size & (page_size - 1)) == 0, Range,
+           "Expected a power of two from 1 to 256 for the page size (kPages.shape[1]) but received ", page_size);
+  in.table = PageTableHandle::unwrap(info[first_arg + 2], "table");
+  KV_CHECK(in.table->device == like.device(), Device, "Expected a page table staged on ", like.device().name(),
+           " but received one staged on ", in.table->device.name());
+  in.kv = in.table->bind(in.k_pages.data(), in.v_pages.data(), in.k_pages.size(0), page_size);
+  return in;
+}
+
+// [out, lse or undefined]
+Napi::Value results(Napi::Env env, const Tensor& out, const Tensor& lse) {
+  Napi::Array r = Napi::Array::New(env, 2);
+  r.Set(0u, TensorHandle::wrap(env, out));
+  r.Set(1u, lse.defined() ? Napi::Value(TensorHandle::wrap(env, lse)) : env.Undefined());
+  return r;
+}
+
+Tensor lse_tensor(bool wanted, int64_t rows, int heads, const Device& device) {
+  return wanted ? empty({rows, heads}, DType::F32, device) : Tensor();
+}
+
+// prefill(q, k, v, cuSeqlensQ, cuSeqlensK, causal, windowLeft, scale, returnLse) -> [out, lse?]
+Napi::Value prefill(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  const Tensor& k = get_tensor(info[1], "k", 3);
+  const Tensor& v = get_tensor(info[2], "v", 3);
+  check_float_input(q, "q");
+  check_same(k, q, "k", "q");
+  check_same(v, q, "v", "q");
+  KV_CHECK(v.shape() == k.shape(), Shape, "Expected v of shape ", shape_str(k.shape()), " like k but received ",
+           shape_str(v.shape()));
+  PrefillParams p;
+  p.dtype = q.dtype();
+  p.shape = check_heads(q, k.size(1), k.size(2), "k");
+  const HostInts cu_q = get_ints(info[3], "cuSeqlensQ");
+  const HostInts cu_k = get_ints(info[4], "cuSeqlensK");
+  p.batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &p.max_seqlen_q);
+  KV_CHECK(cu_k.size == cu_q.size, Shape, "Expected ", cu_q.size, " entries for cuSeqlensK like cuSeqlensQ but received ",
+           cu_k.size);
+  check_offsets(cu_k, k.size(0), "cuSeqlensK", "k", &p.max_seqlen_k);
+  p.mask = get_mask(info, 5);
+  if (p.mask.causal) {
+    for (int b = 0; b < p.batch; ++b) {
+      const int sq = cu_q[b + 1] - cu_q[b], sk = cu_k[b + 1] - cu_k[b];
+      KV_CHECK(sq <= sk, Range, "Expected no more queries than keys for causal sequence ", b, " but received ", sq,
+               " queries and ", sk, " keys");
+    }
+  }
+  const Device device = q.device();
+  Tensor out = empty(q.shape(), q.dtype(), device);
+  Tensor lse = lse_tensor(get_bool(info[8], "returnLse"), q.size(0), p.shape.num_q_heads, device);
+  const Tensor cu_q_dev = on_device(cu_q, device), cu_k_dev = on_device(cu_k, device);
+  p.total_q = static_cast<int>(q.size(0));
+  p.total_k = static_cast<int>(k.size(0));
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.out = out.data();
+  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
+  p.cu_seqlens_q = cu_q_dev.data_as<int32_t>();
+  p.cu_seqlens_k = cu_k_dev.data_as<int32_t>();
+  p.cu_seqlens_q_host = cu_q.data;
+  p.cu_seqlens_k_host = cu_k.data;
+  if (q.size(0) > 0) backend_for(device).prefill(device, p);
+  return results(info.Env(), out, lse);
+}
+
+// pagedPrefill(q, kPages, vPages, table, cuSeqlensQ, causal, windowLeft, scale, returnLse) -> [out, lse?]
+Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  PagedInputs in = get_paged(info, 1, q, "q");
+  PagedPrefillParams p;
+  p.dtype = q.dtype();
+  p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
+  const HostInts cu_q = get_ints(info[4], "cuSeqlensQ");
+  KV_CHECK(cu_q.size == in.table->batch + 1, Shape, "Expected ", in.table->batch + 1,
+           " entries (B+1, from the page table) for cuSeqlensQ but received ", cu_q.size);
+  p.batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &p.max_seqlen_q);
+  p.mask = get_mask(info, 5);
+  for (int b = 0; b < p.batch; ++b) {
+    const int sq = cu_q[b + 1] - cu_q[b];
+    const int sk = in.table->seq_len(b, in.kv.page_size);
+    KV_CHECK(!p.mask.causal || sq <= sk, Range, "Expected no more queries than keys for causal sequence ", b,
+             " but received ", sq, " queries and ", sk, " keys");
+    p.max_seqlen_k = std::max(p.max_seqlen_k, sk);
+  }
+  const Device device = q.device();
+  Tensor out = empty(q.shape(), q.dtype(), device);
+  Tensor lse = lse_tensor(get_bool(info[8], "returnLse"), q.size(0), p.shape.num_q_heads, device);
+  const Tensor cu_q_dev = on_device(cu_q, device);
+  p.total_q = static_cast<int>(q.size(0));
+  p.q = q.data();
+  p.out = out.data();
+  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
+  p.cu_seqlens_q = cu_q_dev.data_as<int32_t>();
+  p.cu_seqlens_q_host = cu_q.data;
+  p.kv = in.kv;
+  if (q.size(0) > 0) backend_for(device).paged_prefill(device, p);
+  return results(info.Env(), out, lse);
+}
+
+// pagedDecode(q, kPages, vPages, table, scale, returnLse) -> [out, lse?]
+Napi::Value paged_decode(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  PagedInputs in = get_paged(info, 1, q, "q");
+  DecodeParams p;
+  p.dtype = q.dtype();
+  p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
+  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
+           " rows (one per sequence of the page table) for q but received ", q.size(0));
+  p.scale = static_cast<float>(get_number(info[4], "scale"));
+  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
+           p.scale);
+  const Device device = q.device();
+  Tensor out = empty(q.shape(), q.dtype(), device);
+  Tensor lse = lse_tensor(get_bool(info[5], "returnLse"), q.size(0), p.shape.num_q_heads, device);
+  p.batch = in.table->batch;
+  p.max_pages_per_seq = in.table->max_pages;
+  p.q = q.data();
+  p.out = out.data();
+  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
+  p.kv = in.kv;
+  backend_for(device).paged_decode(device, p);
+  return results(info.Env(), out, lse);
+}
+
+// appendPagedKV(k, v, kPages, vPages, table, batchIndices, positions)
+Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
+  const Tensor& k = get_tensor(info[0], "k", 3);
+  const Tensor& v = get_tensor(info[1], "v", 3);
+  check_float_input(k, "k");
+  check_same(v, k, "v", "k");
+  KV_CHECK(v.shape() == k.shape(), Shape, "Expected v of shape ", shape_str(k.shape()), " like k but received ",
+           shape_str(v.shape()));
+  PagedInputs in = get_paged(info, 2, k, "k");
+  const Shape token_shape = {in.k_pages.size(2), in.k_pages.size(3)};
+  KV_CHECK(k.size(1) == token_shape[0] && k.size(2) == token_shape[1], Shape, "Expected k of shape [N, ", token_shape[0],
+           ", ", token_shape[1], "] to match kPages but received ", shape_str(k.shape()));
+  const HostInts batch_indices = get_ints(info[5], "batchIndices");
+  const HostInts positions = get_ints(info[6], "positions");
+  const int64_t n = k.size(0);
+  KV_CHECK(batch_indices.size == n && positions.size == n, Shape, "Expected ", n,
+           " entries (one per row of k) for batchIndices and positions but received ", batch_indices.size, " and ",
+           positions.size);
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t b = batch_indices[t];
+    KV_CHECK(b >= 0 && b < in.table->batch, Range, "Expected batchIndices[", t, "] in [0, ", in.table->batch,
+             ") but received ", b);
+    const int32_t len = in.table->seq_len(b, in.kv.page_size);
+    KV_CHECK(positions[t] >= 0 && positions[t] < len, Range, "Expected positions[", t, "] in [0, ", len,
+             ") (the length of sequence ", b, " in the page table) but received ", positions[t]);
+  }
+  AppendParams p;
+  p.dtype = k.dtype();
+  p.shape = {static_cast<int>(k.size(1)), static_cast<int>(k.size(1)), static_cast<int>(k.size(2))};
+  p.num_tokens = static_cast<int>(n);
+  p.k = k.data();
+  p.v = v.data();
+  p.k_pages = in.k_pages.data();
+  p.v_pages = in.v_pages.data();
+  p.kv = in.kv;
+  const Device device = k.device();
+  const Tensor batch_dev = on_device(batch_indices, device), positions_dev = on_device(positions, device);
+  p.batch_indices = batch_dev.data_as<int32_t>();
+  p.positions = positions_dev.data_as<int32_t>();
+  if (n > 0) backend_for(device).append_paged_kv(device, p);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void export_attention_functions(Napi::Env env, Napi::Object exports) {
+  exports.Set("prefill", Napi::Function::New<guarded<prefill>>(env, "prefill"));
+  exports.Set("pagedPrefill", Napi::Function::New<guarded<paged_prefill>>(env, "pagedPrefill"));
+  exports.Set("pagedDecode", Napi::Function::New<guarded<paged_decode>>(env, "pagedDecode"));
+  exports.Set("appendPagedKV", Napi::Function::New<guarded<append_paged_kv>>(env, "appendPagedKV"));
+}
+
+}  // namespace kvflash::binding

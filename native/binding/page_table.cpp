@@ -1,0 +1,102 @@
+#include "page_table.h"
+
+#include <algorithm>
+
+#include "../core/backend.h"
+#include "addon_data.h"
+#include "args.h"
+#include "exports.h"
+
+namespace kvflash::binding {
+namespace {
+
+Tensor upload(const std::vector<int32_t>& values, const Device& device) {
+  Tensor t = empty({static_cast<int64_t>(values.size())}, DType::I32, device);
+  const Tensor host(std::make_shared<Storage>(const_cast<int32_t*>(values.data()), values.size() * 4, Device{}, nullptr),
+                    0, DType::I32, {static_cast<int64_t>(values.size())});
+  backend_for(device).copy(host, t);
+  return t;
+}
+
+}  // namespace
+
+PagedKV StagedPageTable::bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const {
+  if (max_index >= num_pages) {
+    const auto it = std::find_if(indices.begin(), indices.end(), [&](int32_t i) { return i >= num_pages; });
+    fail(ErrorCode::Range, "Expected indices[", it - indices.begin(), "] in [0, ", num_pages,
+         ") (the pages of kPages) but received ", *it);
+  }
+  if (max_last_page_len > page_size) {
+    const auto it = std::find_if(last_page_len.begin(), last_page_len.end(), [&](int32_t l) { return l > page_size; });
+    fail(ErrorCode::Range, "Expected lastPageLen[", it - last_page_len.begin(), "] in [1, ", page_size,
+         "] but received ", *it);
+  }
+  PagedKV kv;
+  kv.k_pages = k_pages;
+  kv.v_pages = v_pages;
+  kv.num_pages = static_cast<int>(num_pages);
+  kv.page_size = static_cast<int>(page_size);
+  kv.indptr = indptr_dev.data_as<int32_t>();
+  kv.indices = indices_dev.data_as<int32_t>();
+  kv.last_page_len = last_page_len_dev.data_as<int32_t>();
+  kv.indptr_host = indptr.data();
+  kv.indices_host = indices.data();
+  kv.last_page_len_host = last_page_len.data();
+  return kv;
+}
+
+Napi::Value PageTableHandle::stage(const Napi::CallbackInfo& info) {
+  const HostInts indptr = get_ints(info[0], "indptr");
+  const HostInts indices = get_ints(info[1], "indices");
+  const HostInts last = get_ints(info[2], "lastPageLen");
+  auto table = std::make_shared<StagedPageTable>();
+  table->device = get_device(info[3], "device");
+  table->batch = check_offsets(indptr, indices.size, "indptr", "indices", &table->max_pages);
+  KV_CHECK(last.size == table->batch, Shape, "Expected ", table->batch,
+           " entries (one per sequence) for lastPageLen but received ", last.size);
+  for (int b = 0; b < table->batch; ++b) {
+    KV_CHECK(indptr[b + 1] > indptr[b], Range, "Expected at least one page for sequence ", b, " but indptr gives none");
+    KV_CHECK(last[b] >= 1, Range, "Expected lastPageLen[", b, "] >= 1 but received ", last[b]);
+    table->max_last_page_len = std::max(table->max_last_page_len, last[b]);
+  }
+  for (int64_t i = 0; i < indices.size; ++i) {
+    KV_CHECK(indices[i] >= 0, Range, "Expected indices[", i, "] >= 0 but received ", indices[i]);
+    table->max_index = std::max(table->max_index, indices[i]);
+  }
+  table->indptr.assign(indptr.data, indptr.data + indptr.size);
+  table->indices.assign(indices.data, indices.data + indices.size);
+  table->last_page_len.assign(last.data, last.data + last.size);
+  table->indptr_dev = upload(table->indptr, table->device);
+  table->indices_dev = upload(table->indices, table->device);
+  table->last_page_len_dev = upload(table->last_page_len, table->device);
+  Napi::Object handle = addon_data(info.Env()).page_table_constructor.New({});
+  handle.Set("batch", table->batch);
+  handle.Set("maxPages", table->max_pages);
+  Unwrap(handle)->table_ = std::move(table);
+  return handle;
+}
+
+void PageTableHandle::define(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DefineClass(env, "PageTableHandle", {InstanceMethod<&PageTableHandle::dispose>("dispose")});
+  addon_data(env).page_table_constructor = Napi::Persistent(ctor);
+  exports.Set("PageTableHandle", ctor);
+  exports.Set("stagePageTable", Napi::Function::New<guarded<&PageTableHandle::stage>>(env, "stagePageTable"));
+}
+
+std::shared_ptr<const StagedPageTable> PageTableHandle::unwrap(const Napi::Value& v, const char* name) {
+  const bool is_handle =
+      v.IsObject() && v.As<Napi::Object>().InstanceOf(addon_data(v.Env()).page_table_constructor.Value());
+  KV_CHECK(is_handle, Dtype, "Expected a staged page table for ", name, " but received ", describe_value(v));
+  auto table = Unwrap(v.As<Napi::Object>())->table_;
+  KV_CHECK(table != nullptr, Disposed, "Expected a live page table for ", name, " but received a disposed one");
+  return table;
+}
+
+PageTableHandle::PageTableHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageTableHandle>(info) {}
+
+Napi::Value PageTableHandle::dispose(const Napi::CallbackInfo& info) {
+  table_.reset();
+  return info.Env().Undefined();
+}
+
+}  // namespace kvflash::binding

@@ -1,0 +1,152 @@
+#include "attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../core/element_access.h"
+
+namespace kvflash::cpu {
+namespace {
+
+// Where the keys and values of one (sequence, KV head) live: row j's D elements.
+struct KeyValueRows {
+  int count = 0;  // keys in the sequence
+  std::function<const void*(int j)> key;
+  std::function<const void*(int j)> value;
+};
+
+// One query row against the keys it may see (positions [first, last]): softmax(scale * q.k) . v.
+// Writes out (D elements of `dtype`) and returns the log-sum-exp, -inf when no key is visible.
+float attend(DType dtype, int head_dim, const void* q, const KeyValueRows& kv, int first, int last, float scale,
+             void* out) {
+  std::vector<float> query(head_dim);
+  for (int d = 0; d < head_dim; ++d) query[d] = load_float(dtype, q, d);
+  std::vector<float> logits;
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int j = first; j <= last; ++j) {
+    const void* key = kv.key(j);
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim; ++d) dot += query[d] * load_float(dtype, key, d);
+    logits.push_back(dot * scale);
+    max_logit = std::max(max_logit, logits.back());
+  }
+  std::vector<float> acc(head_dim, 0.0f);
+  float denominator = 0.0f;
+  for (int j = first; j <= last; ++j) {
+    const float weight = std::exp(logits[j - first] - max_logit);
+    denominator += weight;
+    const void* value = kv.value(j);
+    for (int d = 0; d < head_dim; ++d) acc[d] += weight * load_float(dtype, value, d);
+  }
+  for (int d = 0; d < head_dim; ++d) store_float(dtype, out, d, denominator > 0 ? acc[d] / denominator : 0.0f);
+  return denominator > 0 ? max_logit + std::log(denominator) : -std::numeric_limits<float>::infinity();
+}
+
+// The keys query i (of num_queries, aligned to the end of num_keys) may see under the mask.
+void visible_keys(const AttentionMask& mask, int i, int num_queries, int num_keys, int* first, int* last) {
+  const int position = num_keys - num_queries + i;
+  *last = mask.causal ? position : num_keys - 1;
+  *first = mask.window_left >= 0 ? std::max(0, position - mask.window_left) : 0;
+}
+
+size_t row_bytes(DType dtype, int heads, int head_dim) { return dtype_size(dtype) * size_t(heads) * head_dim; }
+
+// Rows of one sequence's keys in a paged pool: position j is slot j % P of its (j / P)-th page.
+KeyValueRows paged_rows(DType dtype, const AttentionShape& shape, const PagedKV& kv, int b, int kv_head) {
+  const int32_t begin = kv.indptr_host[b];
+  const int32_t pages = kv.indptr_host[b + 1] - begin;
+  const size_t token_bytes = row_bytes(dtype, shape.num_kv_heads, shape.head_dim);
+  const size_t head_offset = dtype_size(dtype) * size_t(kv_head) * shape.head_dim;
+  auto at = [=](const void* pool, int j) {
+    const int64_t page = kv.indices_host[begin + j / kv.page_size];
+    const int64_t slot = j % kv.page_size;
+    return static_cast<const void*>(static_cast<const char*>(pool) + (page * kv.page_size + slot) * token_bytes +
+                                    head_offset);
+  };
+  KeyValueRows rows;
+  rows.count = (pages - 1) * kv.page_size + kv.last_page_len_host[b];
+  rows.key = [=](int j) { return at(kv.k_pages, j); };
+  rows.value = [=](int j) { return at(kv.v_pages, j); };
+  return rows;
+}
+
+// Every query of sequence b (rows q_begin .. q_begin + num_queries) against its keys.
+void attend_sequence(DType dtype, const AttentionShape& shape, const AttentionMask& mask, const void* q, void* out,
+                     float* lse, int q_begin, int num_queries, const std::function<KeyValueRows(int kv_head)>& rows) {
+  const int group = shape.num_q_heads / shape.num_kv_heads;
+  const size_t q_row = row_bytes(dtype, shape.num_q_heads, shape.head_dim);
+  const size_t head_bytes = row_bytes(dtype, 1, shape.head_dim);
+  for (int kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head) {
+    const KeyValueRows kv = rows(kv_head);
+    for (int i = 0; i < num_queries; ++i) {
+      int first, last;
+      visible_keys(mask, i, num_queries, kv.count, &first, &last);
+      for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        const size_t offset = (q_begin + i) * q_row + h * head_bytes;
+        const float row_lse = attend(dtype, shape.head_dim, static_cast<const char*>(q) + offset, kv, first, last,
+                                     mask.scale, static_cast<char*>(out) + offset);
+        if (lse) lse[int64_t(q_begin + i) * shape.num_q_heads + h] = row_lse;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void prefill(const PrefillParams& p) {
+  const size_t k_row = row_bytes(p.dtype, p.shape.num_kv_heads, p.shape.head_dim);
+  const size_t head_bytes = row_bytes(p.dtype, 1, p.shape.head_dim);
+  for (int b = 0; b < p.batch; ++b) {
+    const int q_begin = p.cu_seqlens_q_host[b];
+    const int k_begin = p.cu_seqlens_k_host[b];
+    const int num_keys = p.cu_seqlens_k_host[b + 1] - k_begin;
+    auto rows = [&](int kv_head) {
+      KeyValueRows kv;
+      kv.count = num_keys;
+      kv.key = [&, kv_head](int j) {
+        return static_cast<const void*>(static_cast<const char*>(p.k) + (k_begin + j) * k_row + kv_head * head_bytes);
+      };
+      kv.value = [&, kv_head](int j) {
+        return static_cast<const void*>(static_cast<const char*>(p.v) + (k_begin + j) * k_row + kv_head * head_bytes);
+      };
+      return kv;
+    };
+    attend_sequence(p.dtype, p.shape, p.mask, p.q, p.out, p.lse, q_begin, p.cu_seqlens_q_host[b + 1] - q_begin, rows);
+  }
+}
+
+void paged_prefill(const PagedPrefillParams& p) {
+  for (int b = 0; b < p.batch; ++b) {
+    const int q_begin = p.cu_seqlens_q_host[b];
+    auto rows = [&](int kv_head) { return paged_rows(p.dtype, p.shape, p.kv, b, kv_head); };
+    attend_sequence(p.dtype, p.shape, p.mask, p.q, p.out, p.lse, q_begin, p.cu_seqlens_q_host[b + 1] - q_begin, rows);
+  }
+}
+
+void paged_decode(const DecodeParams& p) {
+  // Decode is paged prefill with one query per sequence, which sits at the end and sees everything.
+  AttentionMask mask;
+  mask.causal = false;
+  mask.scale = p.scale;
+  for (int b = 0; b < p.batch; ++b) {
+    auto rows = [&](int kv_head) { return paged_rows(p.dtype, p.shape, p.kv, b, kv_head); };
+    attend_sequence(p.dtype, p.shape, mask, p.q, p.out, p.lse, b, 1, rows);
+  }
+}
+
+void append_paged_kv(const AppendParams& p) {
+  const size_t token_bytes = row_bytes(p.dtype, p.shape.num_kv_heads, p.shape.head_dim);
+  for (int t = 0; t < p.num_tokens; ++t) {
+    const int b = p.batch_indices[t];
+    const int position = p.positions[t];
+    const int64_t page = p.kv.indices_host[p.kv.indptr_host[b] + position / p.kv.page_size];
+    const size_t offset = (page * p.kv.page_size + position % p.kv.page_size) * token_bytes;
+    std::memcpy(static_cast<char*>(p.k_pages) + offset, static_cast<const char*>(p.k) + t * token_bytes, token_bytes);
+    std::memcpy(static_cast<char*>(p.v_pages) + offset, static_cast<const char*>(p.v) + t * token_bytes, token_bytes);
+  }
+}
+
+}  // namespace kvflash::cpu

@@ -1,0 +1,199 @@
+// GPU suite: every CUDA attention kernel against the CPU reference on random awkward shapes.
+// Inputs are rounded to the GPU dtype first, so the reference (f32 arithmetic, f32 output) sees the
+// same numbers; bf16/f16 outputs must land within 2e-2 absolute, lse within 1e-3.
+import { describe, expect, it } from 'vitest';
+
+import { KvflashError, ops, Tensor } from '../../lib/index';
+import { maxAbsDiff, normal, offsets, pagedCache, rng } from '../attention-fixtures';
+
+const device = 'cuda:0' as const;
+type GpuDType = 'bf16' | 'f16';
+
+/** The same values as a GPU tensor of `dtype` and as the exact f32 CPU tensor of the rounded values. */
+async function pair(data: Float32Array, shape: number[], dtype: GpuDType): Promise<[Tensor, Tensor]> {
+  const gpu = Tensor.fromArray(data, shape, { dtype, device });
+  const rounded = (await gpu.toArray()) as Float32Array;
+  return [gpu, Tensor.fromArray(rounded, shape)];
+}
+
+function disposeAll(...tensors: (Tensor | undefined)[]): void {
+  for (const t of tensors) t?.dispose();
+}
+
+async function expectClose(gpu: Tensor, cpu: Tensor, tolerance: number, what: string): Promise<void> {
+  const diff = maxAbsDiff((await gpu.toArray()) as Float32Array, (await cpu.toArray()) as Float32Array);
+  expect(diff, what).toBeLessThan(tolerance);
+}
+
+const GQA = [1, 2, 4, 8]; // H / Hkv with H = 8
+const DIMS = [64, 128, 256];
+
+describe('prefillAttention on CUDA', () => {
+  const shapes = [
+    { qLens: [1, 37, 130], kLens: [1, 87, 130], causal: true, windowLeft: -1 },
+    { qLens: [64, 3], kLens: [200, 3], causal: true, windowLeft: 17 },
+    { qLens: [5, 70], kLens: [129, 33], causal: false, windowLeft: -1 },
+  ];
+  let seed = 100;
+  for (const dim of DIMS) {
+    for (const ratio of GQA) {
+      const shape = shapes[(dim + ratio) % shapes.length]!;
+      const dtype: GpuDType = ratio % 2 ? 'f16' : 'bf16';
+      it(`D=${dim} H/Hkv=${ratio} ${dtype} causal=${shape.causal} window=${shape.windowLeft}`, async () => {
+        const random = rng(seed++);
+        const heads = 8, kvHeads = 8 / ratio;
+        const cuSeqlensQ = offsets(shape.qLens), cuSeqlensK = offsets(shape.kLens);
+        const nq = cuSeqlensQ.at(-1)!, nk = cuSeqlensK.at(-1)!;
+        const [q, qc] = await pair(normal(nq * heads * dim, random), [nq, heads, dim], dtype);
+        const [k, kc] = await pair(normal(nk * kvHeads * dim, random), [nk, kvHeads, dim], dtype);
+        const [v, vc] = await pair(normal(nk * kvHeads * dim, random), [nk, kvHeads, dim], dtype);
+        const opts = { cuSeqlensQ, cuSeqlensK, causal: shape.causal, windowLeft: shape.windowLeft, returnLse: true };
+        const gpu = ops.prefillAttention(q, k, v, opts);
+        const cpu = ops.prefillAttention(qc, kc, vc, opts);
+        await expectClose(gpu.out, cpu.out, 2e-2, 'out');
+        await expectClose(gpu.lse!, cpu.lse!, 1e-3, 'lse');
+        disposeAll(q, k, v, qc, kc, vc, gpu.out, gpu.lse, cpu.out, cpu.lse);
+      });
+    }
+  }
+});
+
+describe('paged attention on CUDA', () => {
+  const layouts = [
+    { pageSize: 1, lens: [1, 5, 33] },
+    { pageSize: 16, lens: [1, 16, 17, 300, 1000] },
+    { pageSize: 256, lens: [3, 256, 700] },
+  ];
+  let seed = 200;
+  for (const { pageSize, lens } of layouts) {
+    for (const dim of DIMS) {
+      const ratio = GQA[(dim / 64 + pageSize) % 4]!;
+      const dtype: GpuDType = dim === 128 ? 'f16' : 'bf16';
+      it(`P=${pageSize} D=${dim} H/Hkv=${ratio} ${dtype}: decode and paged prefill match the reference`, async () => {
+        const random = rng(seed++);
+        const heads = 8, kvHeads = 8 / ratio;
+        const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+        const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+        const [kPages, kPagesC] = await pair(cache.kPages, poolShape, dtype);
+        const [vPages, vPagesC] = await pair(cache.vPages, poolShape, dtype);
+        const gpuPages = { kPages, vPages }, cpuPages = { kPages: kPagesC, vPages: vPagesC };
+
+        const [q, qc] = await pair(normal(lens.length * heads * dim, random), [lens.length, heads, dim], dtype);
+        const gpu = ops.pagedDecodeAttention(q, gpuPages, cache, { returnLse: true });
+        const cpu = ops.pagedDecodeAttention(qc, cpuPages, cache, { returnLse: true });
+        await expectClose(gpu.out, cpu.out, 2e-2, 'decode out');
+        await expectClose(gpu.lse!, cpu.lse!, 1e-3, 'decode lse');
+
+        // Chunked prefill: the last few tokens of each sequence attend to the cached prefix.
+        const qLens = lens.map((l, i) => Math.min(l, 1 + ((i * 7) % 23)));
+        const cuSeqlensQ = offsets(qLens);
+        const nq = cuSeqlensQ.at(-1)!;
+        const [pq, pqc] = await pair(normal(nq * heads * dim, random), [nq, heads, dim], dtype);
+        const pg = ops.pagedPrefillAttention(pq, gpuPages, cache, { cuSeqlensQ, returnLse: true });
+        const pc = ops.pagedPrefillAttention(pqc, cpuPages, cache, { cuSeqlensQ, returnLse: true });
+        await expectClose(pg.out, pc.out, 2e-2, 'paged prefill out');
+        await expectClose(pg.lse!, pc.lse!, 1e-3, 'paged prefill lse');
+
+        // The same keys laid out contiguously give the same answer through the ragged kernel.
+        const [k, v] = [Tensor.fromArray(cache.k, [cache.k.length / (kvHeads * dim), kvHeads, dim], { dtype, device }), Tensor.fromArray(cache.v, [cache.v.length / (kvHeads * dim), kvHeads, dim], { dtype, device })];
+        const ragged = ops.prefillAttention(pq, k, v, { cuSeqlensQ, cuSeqlensK: offsets(lens), returnLse: true });
+        await expectClose(pg.out, ragged.out, 2e-2, 'paged vs ragged out');
+        await expectClose(pg.lse!, ragged.lse!, 1e-3, 'paged vs ragged lse');
+        disposeAll(kPages, vPages, kPagesC, vPagesC, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse, k, v, ragged.out, ragged.lse);
+      });
+    }
+  }
+
+  it('splits a long sequence across blocks and agrees with the unsplit batch', async () => {
+    // Alone, a 40000-token sequence is split (flash-decoding); inside a batch of 256 it is not.
+    const random = rng(300);
+    const [heads, kvHeads, dim, pageSize] = [32, 8, 128, 16];
+    const lens = [40000, ...Array.from({ length: 255 }, (_, i) => 1 + ((i * 37) % 64))];
+    const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+    const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+    using kPages = Tensor.fromArray(cache.kPages, poolShape, { dtype: 'bf16', device });
+    using vPages = Tensor.fromArray(cache.vPages, poolShape, { dtype: 'bf16', device });
+    const qData = normal(lens.length * heads * dim, random);
+    using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype: 'bf16', device });
+    const batch = ops.pagedDecodeAttention(q, { kPages, vPages }, cache, { returnLse: true });
+    const alone = { indptr: cache.indptr.slice(0, 2), indices: cache.indices.slice(0, cache.indptr[1]), lastPageLen: cache.lastPageLen.slice(0, 1) };
+    using q1 = q.slice(0, 1);
+    const single = ops.pagedDecodeAttention(q1, { kPages, vPages }, alone, { returnLse: true });
+    using firstOut = batch.out.slice(0, 1);
+    using firstLse = batch.lse!.slice(0, 1);
+    await expectClose(single.out, firstOut, 1e-2, 'split vs unsplit out');
+    await expectClose(single.lse!, firstLse, 1e-3, 'split vs unsplit lse');
+    // And both against the reference.
+    using kc = Tensor.fromArray((await kPages.toArray()) as Float32Array, poolShape);
+    using vc = Tensor.fromArray((await vPages.toArray()) as Float32Array, poolShape);
+    using qc = Tensor.fromArray((await q1.toArray()) as Float32Array, [1, heads, dim]);
+    const ref = ops.pagedDecodeAttention(qc, { kPages: kc, vPages: vc }, alone, { returnLse: true });
+    await expectClose(single.out, ref.out, 2e-2, 'split vs reference');
+    await expectClose(single.lse!, ref.lse!, 1e-3, 'split lse vs reference');
+    disposeAll(batch.out, batch.lse, single.out, single.lse, ref.out, ref.lse);
+  });
+
+  it('decodes a batch of 1024 short sequences', async () => {
+    const random = rng(301);
+    const [heads, kvHeads, dim, pageSize] = [4, 2, 64, 8];
+    const lens = Array.from({ length: 1024 }, (_, i) => 1 + ((i * 13) % 40));
+    const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+    const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+    const [kPages, kc] = await pair(cache.kPages, poolShape, 'bf16');
+    const [vPages, vc] = await pair(cache.vPages, poolShape, 'bf16');
+    const [q, qc] = await pair(normal(1024 * heads * dim, random), [1024, heads, dim], 'bf16');
+    const gpu = ops.pagedDecodeAttention(q, { kPages, vPages }, cache, { returnLse: true });
+    const cpu = ops.pagedDecodeAttention(qc, { kPages: kc, vPages: vc }, cache, { returnLse: true });
+    await expectClose(gpu.out, cpu.out, 2e-2, 'out');
+    await expectClose(gpu.lse!, cpu.lse!, 1e-3, 'lse');
+    disposeAll(kPages, kc, vPages, vc, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse);
+  });
+
+  for (const pageSize of [1, 16, 256]) {
+    it(`appendPagedKV writes the same bytes as the CPU reference (P=${pageSize})`, async () => {
+      const random = rng(400 + pageSize);
+      const [kvHeads, dim] = [2, 128];
+      const lens = [1, 300, 17];
+      const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+      const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+      using kPages = Tensor.fromArray(cache.kPages, poolShape, { dtype: 'bf16', device });
+      using vPages = Tensor.fromArray(cache.vPages, poolShape, { dtype: 'bf16', device });
+      using kPagesC = kPages.to('cpu');
+      using vPagesC = vPages.to('cpu');
+      // Every token of sequence 1 (a bulk write) and the last tokens of the others.
+      const batchIndices = [...Array.from({ length: 300 }, () => 1), 0, 2];
+      const positions = [...Array.from({ length: 300 }, (_, i) => i), 0, 16];
+      const n = batchIndices.length;
+      using k = Tensor.fromArray(normal(n * kvHeads * dim, random), [n, kvHeads, dim], { dtype: 'bf16', device });
+      using v = Tensor.fromArray(normal(n * kvHeads * dim, random), [n, kvHeads, dim], { dtype: 'bf16', device });
+      using kc = k.to('cpu');
+      using vc = v.to('cpu');
+      ops.appendPagedKV(k, v, { kPages, vPages }, cache, { batchIndices, positions });
+      ops.appendPagedKV(kc, vc, { kPages: kPagesC, vPages: vPagesC }, cache, { batchIndices, positions });
+      expect(Buffer.from(await kPages.bytes()).equals(Buffer.from(await kPagesC.bytes()))).toBe(true);
+      expect(Buffer.from(await vPages.bytes()).equals(Buffer.from(await vPagesC.bytes()))).toBe(true);
+    });
+  }
+});
+
+describe('attention input checks on CUDA', () => {
+  function code(fn: () => unknown): string {
+    try {
+      fn();
+    } catch (e) {
+      expect(e).toBeInstanceOf(KvflashError);
+      return (e as KvflashError).code;
+    }
+    return 'none';
+  }
+
+  it('refuses unsupported head dims, f32 and mixed devices', () => {
+    using q = Tensor.zeros([2, 2, 96], { dtype: 'bf16', device });
+    expect(code(() => ops.prefillAttention(q, q, q, { cuSeqlensQ: [0, 2], cuSeqlensK: [0, 2] }))).toBe('E_UNSUPPORTED');
+    using q32 = Tensor.zeros([2, 2, 64], { device });
+    expect(code(() => ops.prefillAttention(q32, q32, q32, { cuSeqlensQ: [0, 2], cuSeqlensK: [0, 2] }))).toBe('E_DTYPE');
+    using qg = Tensor.zeros([2, 2, 64], { dtype: 'bf16', device });
+    using kc = Tensor.zeros([2, 2, 64], { dtype: 'bf16' });
+    expect(code(() => ops.prefillAttention(qg, kc, kc, { cuSeqlensQ: [0, 2], cuSeqlensK: [0, 2] }))).toBe('E_DEVICE');
+  });
+});
