@@ -70,6 +70,8 @@ export interface NativeBinding {
   setMemoryLimit(device: string, bytes: number): void;
   synchronize(device: string): Promise<void>;
   busyWait(device: string, ms: number): void;
+  recordEvent(device: string): object;
+  elapsedMs(start: object, end: object): Promise<number>;
 }
 
 export interface BackendInfo {

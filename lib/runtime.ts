@@ -35,6 +35,24 @@ export async function synchronize(device?: DeviceName): Promise<void> {
   await awaitNative(callNative(() => native().synchronize(name)));
 }
 
+/** A point in a device's queue of work, for timing GPU work without host overhead in the number. */
+export class TimingEvent {
+  #event: object;
+  readonly device: string;
+
+  /** Marks the point after all work queued so far on `device`. */
+  constructor(device?: DeviceName) {
+    this.device = deviceOrDefault(device);
+    this.#event = callNative(() => native().recordEvent(this.device));
+  }
+
+  /** Milliseconds of device time from `start` to this event; resolves once the device gets here. */
+  async elapsedSince(start: TimingEvent): Promise<number> {
+    const from = start.#event;
+    return awaitNative(callNative(() => native().elapsedMs(from, this.#event)));
+  }
+}
+
 /** Test support: queues about `ms` milliseconds of busy work on a GPU's stream. */
 export function gpuBusyWait(ms: number, device?: DeviceName): void {
   const name = deviceOrDefault(device);

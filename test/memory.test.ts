@@ -4,7 +4,7 @@ import * as path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { emptyCache, KvflashError, memory, setMemoryLimit, Tensor } from '../lib/index';
+import { emptyCache, KvflashError, memory, setMemoryLimit, Tensor, TimingEvent } from '../lib/index';
 
 afterEach(() => setMemoryLimit('cpu', 0));
 
@@ -66,5 +66,17 @@ describe('caching allocator (cpu)', () => {
     const out = JSON.parse(execFileSync(process.execPath, ['--expose-gc', '-e', script], { cwd: path.join(__dirname, '..'), encoding: 'utf8' }));
     expect(out.held - out.before).toBeGreaterThanOrEqual(4 << 20);
     expect(out.after).toBe(out.before);
+  });
+});
+
+describe('TimingEvent (cpu)', () => {
+  it('measures elapsed host time between two points', async () => {
+    const start = new TimingEvent('cpu');
+    const until = performance.now() + 20;
+    while (performance.now() < until);
+    const end = new TimingEvent('cpu');
+    const ms = await end.elapsedSince(start);
+    expect(ms).toBeGreaterThanOrEqual(19);
+    expect(ms).toBeLessThan(1000);
   });
 });

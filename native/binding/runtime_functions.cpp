@@ -68,6 +68,30 @@ Napi::Value synchronize(const Napi::CallbackInfo& info) {
       [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
 }
 
+using TimedEventRef = std::shared_ptr<TimedEvent>;
+
+// recordEvent(device) -> an opaque timing point after the work queued so far.
+Napi::Value record_event(const Napi::CallbackInfo& info) {
+  const Device device = get_device(info[0], "device");
+  auto* event = new TimedEventRef(backend_for(device).record_timed(device));
+  return Napi::External<TimedEventRef>::New(info.Env(), event, [](Napi::Env, TimedEventRef* e) { delete e; });
+}
+
+TimedEventRef get_event(const Napi::Value& v, const char* name) {
+  KV_CHECK(v.IsExternal(), Dtype, "Expected a recorded event for ", name, " but received ", describe_value(v));
+  return *v.As<Napi::External<TimedEventRef>>().Data();
+}
+
+// elapsedMs(start, end) -> Promise<number>, once the device has passed `end`.
+Napi::Value elapsed_ms(const Napi::CallbackInfo& info) {
+  TimedEventRef start = get_event(info[0], "start");
+  TimedEventRef end = get_event(info[1], "end");
+  auto ms = std::make_shared<double>(0);
+  return settle_after(
+      info.Env(), [start, end, ms]() { *ms = end->elapsed_ms_since(*start); },
+      [ms](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *ms); });
+}
+
 Napi::Value busy_wait(const Napi::CallbackInfo& info) {
   const Device device = get_device(info[0], "device");
   const double ms = get_number(info[1], "ms");
@@ -84,6 +108,8 @@ void export_runtime_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("emptyCache", Napi::Function::New<guarded<empty_cache>>(env, "emptyCache"));
   exports.Set("setMemoryLimit", Napi::Function::New<guarded<set_memory_limit>>(env, "setMemoryLimit"));
   exports.Set("synchronize", Napi::Function::New<guarded<synchronize>>(env, "synchronize"));
+  exports.Set("recordEvent", Napi::Function::New<guarded<record_event>>(env, "recordEvent"));
+  exports.Set("elapsedMs", Napi::Function::New<guarded<elapsed_ms>>(env, "elapsedMs"));
   exports.Set("busyWait", Napi::Function::New<guarded<busy_wait>>(env, "busyWait"));
 }
 

@@ -16,6 +16,13 @@ struct DeviceInfo {
   std::string compute_capability;  // "9.0"
 };
 
+// A point in a device's stream of work, for timing: elapsed_ms_since waits (blocking) until both
+// points have passed.
+struct TimedEvent {
+  virtual ~TimedEvent() = default;
+  virtual double elapsed_ms_since(const TimedEvent& start) = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -42,6 +49,9 @@ class Backend {
   virtual void paged_prefill(const Device& device, const PagedPrefillParams& p) = 0;
   virtual void paged_decode(const Device& device, const DecodeParams& p) = 0;
   virtual void append_paged_kv(const Device& device, const AppendParams& p) = 0;
+
+  // A timing point after the work queued so far.
+  virtual std::shared_ptr<TimedEvent> record_timed(const Device& device) = 0;
 
   // Test support: keeps the device busy for about `ms` milliseconds.
   virtual void busy_wait(const Device& device, double ms) = 0;

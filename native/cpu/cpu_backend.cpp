@@ -1,4 +1,5 @@
 // The reference backend: plain C++ over host memory, synchronous, float32 arithmetic.
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -8,6 +9,14 @@
 
 namespace kvflash {
 namespace {
+
+// Host work is synchronous, so a timing point is just the clock now.
+struct HostTimedEvent : TimedEvent {
+  std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+  double elapsed_ms_since(const TimedEvent& start) override {
+    return std::chrono::duration<double, std::milli>(at - static_cast<const HostTimedEvent&>(start).at).count();
+  }
+};
 
 struct HostMemory : RawMemory {
   void* allocate(size_t bytes) override {
@@ -53,6 +62,7 @@ class CpuBackend final : public Backend {
   void append_paged_kv(const Device&, const AppendParams& p) override { cpu::append_paged_kv(p); }
 
   std::shared_ptr<PendingWork> record(const Device&) override { return nullptr; }
+  std::shared_ptr<TimedEvent> record_timed(const Device&) override { return std::make_shared<HostTimedEvent>(); }
 
   void busy_wait(const Device&, double) override {
     fail(ErrorCode::Unsupported, "Expected a cuda device for busy_wait but received cpu");

@@ -62,6 +62,21 @@ struct EventWork : PendingWork {
   cudaEvent_t event{};
 };
 
+struct CudaTimedEvent : TimedEvent {
+  explicit CudaTimedEvent(cudaStream_t stream) {
+    KV_CUDA(cudaEventCreateWithFlags(&event, cudaEventBlockingSync));
+    KV_CUDA(cudaEventRecord(event, stream));
+  }
+  ~CudaTimedEvent() override { cudaEventDestroy(event); }
+  double elapsed_ms_since(const TimedEvent& start) override {
+    KV_CUDA(cudaEventSynchronize(event));
+    float ms = 0;
+    KV_CUDA(cudaEventElapsedTime(&ms, static_cast<const CudaTimedEvent&>(start).event, event));
+    return ms;
+  }
+  cudaEvent_t event{};
+};
+
 struct DeviceState {
   explicit DeviceState(int index) : allocator("cuda:" + std::to_string(index), &memory) {
     KV_CUDA(cudaSetDevice(index));
@@ -133,6 +148,10 @@ class CudaBackend final : public Backend {
 
   std::shared_ptr<PendingWork> record(const Device& device) override {
     return std::make_shared<EventWork>(state(device).stream);
+  }
+
+  std::shared_ptr<TimedEvent> record_timed(const Device& device) override {
+    return std::make_shared<CudaTimedEvent>(state(device).stream);
   }
 
   void busy_wait(const Device& device, double ms) override { cuda::launch_busy_wait(ms, state(device).stream); }

@@ -372,13 +372,17 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
   }
 }
 
+// exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
+__device__ __forceinline__ float weight(float m, float ref) { return m == -INFINITY ? 0.f : exp2f(m - ref); }
+
 // One warp per (sequence, query head): weights each split by exp2(lse_s - max), normalized. Lanes
-// own 4 columns each; split weights live one per lane and are broadcast by shuffle, and the partial
-// rows are fetched 8 at a time so the loop is not one L2 round trip per split.
+// own 4 columns each; split weights live one per lane and are broadcast by shuffle, and partial rows
+// are fetched 16 at a time, so the merge costs a few L2 round trips rather than one per split.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* part_out, const float* part_lse,
                                                                 void* out, float* lse, int64_t rows, int splits,
                                                                 int head_dim) {
+  constexpr int kBatch = 16;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -388,43 +392,54 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* par
   if (row >= rows) return;
   const float* pl = part_lse + row * splits;
   const float* po = part_out + row * splits * head_dim;
-  float mx = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, pl[s]);
+  // One pass over the lse values: a running (max, denominator) per lane, then merged across lanes.
+  float mx = -INFINITY, den = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float x = pl[s];
+    const float nm = fmaxf(mx, x);
+    den = den * weight(mx, nm) + weight(x, nm);
+    mx = nm;
+  }
 #pragma unroll
-  for (int k = 16; k > 0; k >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, k));
-  const float use = mx == -INFINITY ? 0.f : mx;
-  float den = 0.f;
-  for (int s = lane; s < splits; s += 32) den += exp2f(pl[s] - use);
-#pragma unroll
-  for (int k = 16; k > 0; k >>= 1) den += __shfl_xor_sync(0xffffffffu, den, k);
+  for (int k = 16; k > 0; k >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, mx, k);
+    const float od = __shfl_xor_sync(0xffffffffu, den, k);
+    const float nm = fmaxf(mx, om);
+    den = den * weight(mx, nm) + od * weight(om, nm);
+    mx = nm;
+  }
   const float inv = den > 0.f ? 1.f / den : 0.f;
   for (int d0 = 0; d0 < head_dim; d0 += 128) {  // every lane iterates: the shuffles need the whole warp
     const int d = d0 + lane * 4;
     const bool active = d < head_dim;
+    const int dl = active ? d : head_dim - 4;  // idle lanes load a valid column and store nothing
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < splits; s0 += 32) {
       const int n = min(32, splits - s0);
-      const float w_lane = lane < n ? exp2f(pl[s0 + lane] - use) * inv : 0.f;
-      for (int j0 = 0; j0 < n; j0 += 8) {
-        float4 v[8];
+      const float w_lane = lane < n ? weight(pl[s0 + lane], mx) * inv : 0.f;
+      for (int j0 = 0; j0 < n; j0 += kBatch) {
+        // Weights first, then unconditional loads (past the last split: a repeat of it, weighted 0),
+        // so no shuffle sits between the loads and all of them are in flight together.
+        float w[kBatch];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          v[j] = active && j0 + j < n ? *reinterpret_cast<const float4*>(po + (s0 + j0 + j) * head_dim + d)
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < kBatch; ++j) w[j] = __shfl_sync(0xffffffffu, w_lane, j0 + j);
+        float4 v[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          v[j] = __ldcg(reinterpret_cast<const float4*>(po + (s0 + min(j0 + j, n - 1)) * head_dim + dl));
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float w = __shfl_sync(0xffffffffu, w_lane, j0 + j);
-          acc.x += w * v[j].x;
-          acc.y += w * v[j].y;
-          acc.z += w * v[j].z;
-          acc.w += w * v[j].w;
+        for (int j = 0; j < kBatch; ++j) {
+          acc.x += w[j] * v[j].x;
+          acc.y += w[j] * v[j].y;
+          acc.z += w[j] * v[j].z;
+          acc.w += w[j] * v[j].w;
         }
       }
     }
     if (active) store4(static_cast<T*>(out) + row * head_dim + d, acc);
   }
-  if (lane == 0 && lse) lse[row] = den > 0.f ? (use + log2f(den)) * kLn2 : -INFINITY;
+  if (lane == 0 && lse) lse[row] = den > 0.f ? (mx + log2f(den)) * kLn2 : -INFINITY;
 }
 
 // ---- host side -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // GPU suite: allocator, out-of-memory handling, and waits that leave the event loop free.
 import { describe, expect, it } from 'vitest';
 
-import { emptyCache, gpuBusyWait, KvflashError, memory, synchronize, Tensor } from '../../lib/index';
+import { emptyCache, gpuBusyWait, KvflashError, memory, synchronize, Tensor, TimingEvent } from '../../lib/index';
 
 const device = 'cuda:0' as const;
 
@@ -71,5 +71,16 @@ describe('CUDA runtime', () => {
     }
     expect((error as KvflashError).code).toBe('E_DEVICE');
     expect((error as KvflashError).message).toMatch(/^Expected a device index below \d+ but received cuda:63$/);
+  });
+});
+
+describe('TimingEvent (cuda)', () => {
+  it('measures device time of queued work', async () => {
+    const start = new TimingEvent(device);
+    gpuBusyWait(50, device);
+    const end = new TimingEvent(device);
+    const ms = await end.elapsedSince(start);
+    expect(ms).toBeGreaterThan(45);
+    expect(ms).toBeLessThan(500);
   });
 });
