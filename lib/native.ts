@@ -20,6 +20,9 @@ export interface TensorHandle {
 export interface PageTableNativeHandle {
   readonly batch: number;
   readonly maxPages: number;
+  readonly rowsPerSequence: number;
+  /** Page entries (indices) in the table. */
+  readonly entries: number;
   dispose(): void;
 }
 
@@ -57,13 +60,17 @@ export interface NativeBinding {
   read(t: TensorHandle, asFloat: boolean): Promise<ArrayBuffer>;
   prefill(q: TensorHandle, k: TensorHandle, v: TensorHandle, cuSeqlensQ: Int32Array, cuSeqlensK: Int32Array,
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+  pageTableArrays(table: PageTableNativeHandle): [TensorHandle, TensorHandle, TensorHandle];
   stagePageTable(indptr: Int32Array, indices: Int32Array, lastPageLen: Int32Array, device: string): PageTableNativeHandle;
   pagedPrefill(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, cuSeqlensQ: Int32Array,
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   pagedDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, scale: number,
     returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   appendPagedKV(k: TensorHandle, v: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle,
-    batchIndices: Int32Array, positions: Int32Array): void;
+    batchIndices: Int32Array, positions: Int32Array, questMeta: TensorHandle | undefined): void;
+  buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;
+  questScores(q: TensorHandle, kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): TensorHandle;
+  topkPages(scores: TensorHandle, table: PageTableNativeHandle, budgetPages: number): PageTableNativeHandle;
   buildInfo(): BuildInfo;
   memoryStats(device: string): MemoryStats;
   emptyCache(device: string): void;

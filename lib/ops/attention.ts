@@ -99,6 +99,8 @@ export interface AppendPositions {
   batchIndices: IntArray;
   /** For each new token, its position in that sequence (the table already counts it). */
   positions: IntArray;
+  /** The layer's Quest metadata (see ops.createQuestMeta), kept current for every page written to. */
+  questMeta?: Tensor;
 }
 
 /** Writes new tokens' keys and values (k, v [N, Hkv, D]) into their pages, in place. */
@@ -106,5 +108,6 @@ export function appendPagedKV(k: Tensor, v: Tensor, pages: KVPages, table: PageT
   const batchIndices = toInt32Array(where.batchIndices, 'batchIndices');
   const positions = toInt32Array(where.positions, 'positions');
   const handles = [k.handle(), v.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
-  withStagedTable(table, k.device, (staged) => callNative(() => native().appendPagedKV(...handles, staged, batchIndices, positions)));
+  const meta = where.questMeta?.handle();
+  withStagedTable(table, k.device, (staged) => callNative(() => native().appendPagedKV(...handles, staged, batchIndices, positions, meta)));
 }

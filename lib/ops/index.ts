@@ -1,3 +1,4 @@
 /** The typed op wrappers, as `kvflash.ops`. */
 export { appendPagedKV, pagedDecodeAttention, pagedPrefillAttention, prefillAttention } from './attention';
 export { StagedPageTable } from './page-table';
+export { buildQuestMeta, createQuestMeta, questScores, topkPages } from './quest';

@@ -4,7 +4,7 @@
  */
 import { callNative, errorAtCaller } from '../errors';
 import { native, PageTableNativeHandle } from '../native';
-import type { DeviceName } from '../tensor';
+import { DeviceName, Tensor } from '../tensor';
 import { IntArray, toInt32Array } from './int-arrays';
 
 /** CSR page table: sequence b owns pages indices[indptr[b] .. indptr[b+1]); its last page holds lastPageLen[b] tokens. */
@@ -17,25 +17,52 @@ export interface PageTable {
 export class StagedPageTable {
   /** Sequences in the table. */
   readonly batch: number;
-  /** Most pages any one sequence has. */
+  /** Most pages any one row has. */
   readonly maxPages: number;
+  /** 1: a row per sequence. kvHeads: a row per (sequence, KV head), as Quest's top-k selects. */
+  readonly rowsPerSequence: number;
+  /** Page entries (indices) in the table. */
+  readonly entries: number;
   /** 'cpu' or 'cuda:N'. */
   readonly device: string;
   #handle: PageTableNativeHandle | undefined;
 
-  /** Checks `table` and copies it to `device`. */
-  constructor(table: PageTable, device: DeviceName) {
+  /** Checks `table` and copies it to `device` (or adopts a table an op made there). */
+  constructor(table: PageTable | PageTableNativeHandle, device: DeviceName) {
     this.device = device === 'cuda' ? 'cuda:0' : device;
-    const arrays = [toInt32Array(table.indptr, 'indptr'), toInt32Array(table.indices, 'indices'), toInt32Array(table.lastPageLen, 'lastPageLen')] as const;
-    this.#handle = callNative(() => native().stagePageTable(...arrays, this.device));
+    if ('dispose' in table) {
+      this.#handle = table;
+    } else {
+      const arrays = [toInt32Array(table.indptr, 'indptr'), toInt32Array(table.indices, 'indices'), toInt32Array(table.lastPageLen, 'lastPageLen')] as const;
+      this.#handle = callNative(() => native().stagePageTable(...arrays, this.device));
+    }
     this.batch = this.#handle.batch;
     this.maxPages = this.#handle.maxPages;
+    this.rowsPerSequence = this.#handle.rowsPerSequence;
+    this.entries = this.#handle.entries;
   }
 
   /** @internal */
   handle(): PageTableNativeHandle {
     if (!this.#handle) throw errorAtCaller('E_DISPOSED', 'Expected a live StagedPageTable but received a disposed one');
     return this.#handle;
+  }
+
+  /** The table as host arrays (waits for the device when an op built it there). */
+  async toArrays(): Promise<{ indptr: Int32Array; indices: Int32Array; lastPageLen: Int32Array }> {
+    const table = this.handle();
+    const handles = callNative(() => native().pageTableArrays(table));
+    const [indptr, indices, lastPageLen] = await Promise.all(
+      handles.map(async (h, i) => {
+        const t = new Tensor(h, 'i32', [[this.batch * this.rowsPerSequence + 1, this.entries, this.batch * this.rowsPerSequence][i]!], this.device);
+        try {
+          return (await t.toArray()) as Int32Array;
+        } finally {
+          t.dispose();
+        }
+      }),
+    );
+    return { indptr: indptr!, indices: indices!, lastPageLen: lastPageLen! };
   }
 
   dispose(): void {

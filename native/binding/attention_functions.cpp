@@ -8,6 +8,7 @@
 #include "args.h"
 #include "exports.h"
 #include "page_table.h"
+#include "quest_functions.h"
 #include "tensor_handle.h"
 
 namespace kvflash::binding {
@@ -154,6 +155,9 @@ Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
   PagedInputs in = get_paged(info, 1, q, "q");
+  KV_CHECK(in.table->rows_per_sequence == 1, Range,
+           "Expected a dense page table (one row per sequence) for pagedPrefillAttention but received a per-KV-head "
+           "selection");
   PagedPrefillParams p;
   p.dtype = q.dtype();
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
@@ -194,6 +198,11 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
   KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
            " rows (one per sequence of the page table) for q but received ", q.size(0));
+  KV_CHECK(in.table->rows_per_sequence == 1 || in.table->rows_per_sequence == in.k_pages.size(2), Shape,
+           "Expected a table with one row per sequence or per KV head (", in.k_pages.size(2), ") but received ",
+           in.table->rows_per_sequence, " rows per sequence");
+  KV_CHECK(in.table->rows_per_sequence == 1 || !q.device().is_cuda(), Unsupported,
+           "Expected a dense page table for decode on a GPU but received a per-KV-head selection");
   p.scale = static_cast<float>(get_number(info[4], "scale"));
   KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
            p.scale);
@@ -210,7 +219,8 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   return results(info.Env(), out, lse);
 }
 
-// appendPagedKV(k, v, kPages, vPages, table, batchIndices, positions)
+// appendPagedKV(k, v, kPages, vPages, table, batchIndices, positions, questMeta?): with questMeta,
+// the metadata of every page written to is recomputed after the write.
 Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
   const Tensor& k = get_tensor(info[0], "k", 3);
   const Tensor& v = get_tensor(info[1], "v", 3);
@@ -219,6 +229,8 @@ Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
   KV_CHECK(v.shape() == k.shape(), Shape, "Expected v of shape ", shape_str(k.shape()), " like k but received ",
            shape_str(v.shape()));
   PagedInputs in = get_paged(info, 2, k, "k");
+  KV_CHECK(in.table->rows_per_sequence == 1, Range,
+           "Expected a dense page table (one row per sequence) for appendPagedKV but received a per-KV-head selection");
   const Shape token_shape = {in.k_pages.size(2), in.k_pages.size(3)};
   KV_CHECK(k.size(1) == token_shape[0] && k.size(2) == token_shape[1], Shape, "Expected k of shape [N, ", token_shape[0],
            ", ", token_shape[1], "] to match kPages but received ", shape_str(k.shape()));
@@ -250,6 +262,20 @@ Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
   p.batch_indices = batch_dev.data_as<int32_t>();
   p.positions = positions_dev.data_as<int32_t>();
   if (n > 0) backend_for(device).append_paged_kv(device, p);
+  if (!info[7].IsUndefined()) {
+    const Tensor& meta = check_quest_meta(info[7], in.k_pages);
+    std::vector<int32_t> pages, valid_len;
+    std::vector<bool> seen(in.table->indptr.back(), false);
+    for (int64_t t = 0; t < n; ++t) {
+      const int b = batch_indices[t];
+      const int32_t entry = in.table->indptr[b] + positions[t] / in.kv.page_size;
+      if (seen[entry]) continue;
+      seen[entry] = true;
+      pages.push_back(in.table->indices[entry]);
+      valid_len.push_back(entry + 1 < in.table->indptr[b + 1] ? in.kv.page_size : in.table->last_page_len[b]);
+    }
+    update_quest_meta(in.k_pages, meta, std::move(pages), std::move(valid_len));
+  }
   return info.Env().Undefined();
 }
 

@@ -7,5 +7,6 @@ namespace kvflash::binding {
 void export_tensor_functions(Napi::Env env, Napi::Object exports);
 void export_runtime_functions(Napi::Env env, Napi::Object exports);
 void export_attention_functions(Napi::Env env, Napi::Object exports);
+void export_quest_functions(Napi::Env env, Napi::Object exports);
 
 }  // namespace kvflash::binding

@@ -6,11 +6,11 @@
 #include "addon_data.h"
 #include "args.h"
 #include "exports.h"
+#include "tensor_handle.h"
 
 namespace kvflash::binding {
-namespace {
 
-Tensor upload(const std::vector<int32_t>& values, const Device& device) {
+Tensor PageTableHandle::upload(const std::vector<int32_t>& values, const Device& device) {
   Tensor t = empty({static_cast<int64_t>(values.size())}, DType::I32, device);
   const Tensor host(std::make_shared<Storage>(const_cast<int32_t*>(values.data()), values.size() * 4, Device{}, nullptr),
                     0, DType::I32, {static_cast<int64_t>(values.size())});
@@ -18,29 +18,35 @@ Tensor upload(const std::vector<int32_t>& values, const Device& device) {
   return t;
 }
 
-}  // namespace
-
 PagedKV StagedPageTable::bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const {
   if (max_index >= num_pages) {
     const auto it = std::find_if(indices.begin(), indices.end(), [&](int32_t i) { return i >= num_pages; });
-    fail(ErrorCode::Range, "Expected indices[", it - indices.begin(), "] in [0, ", num_pages,
-         ") (the pages of kPages) but received ", *it);
+    KV_CHECK(it == indices.end(), Range, "Expected indices[", it - indices.begin(), "] in [0, ", num_pages,
+             ") (the pages of kPages) but received ", *it);
+    fail(ErrorCode::Range, "Expected page indices in [0, ", num_pages, ") (the pages of kPages) but the table reaches ",
+         max_index);
   }
   if (max_last_page_len > page_size) {
     const auto it = std::find_if(last_page_len.begin(), last_page_len.end(), [&](int32_t l) { return l > page_size; });
     fail(ErrorCode::Range, "Expected lastPageLen[", it - last_page_len.begin(), "] in [1, ", page_size,
          "] but received ", *it);
   }
-  PagedKV kv;
+  PagedKV kv = view();
   kv.k_pages = k_pages;
   kv.v_pages = v_pages;
   kv.num_pages = static_cast<int>(num_pages);
   kv.page_size = static_cast<int>(page_size);
+  return kv;
+}
+
+PagedKV StagedPageTable::view() const {
+  PagedKV kv;
   kv.indptr = indptr_dev.data_as<int32_t>();
   kv.indices = indices_dev.data_as<int32_t>();
   kv.last_page_len = last_page_len_dev.data_as<int32_t>();
   kv.indptr_host = indptr.data();
-  kv.indices_host = indices.data();
+  kv.indices_host = indices.empty() ? nullptr : indices.data();
+  kv.rows_per_sequence = rows_per_sequence;
   kv.last_page_len_host = last_page_len.data();
   return kv;
 }
@@ -69,18 +75,40 @@ Napi::Value PageTableHandle::stage(const Napi::CallbackInfo& info) {
   table->indptr_dev = upload(table->indptr, table->device);
   table->indices_dev = upload(table->indices, table->device);
   table->last_page_len_dev = upload(table->last_page_len, table->device);
-  Napi::Object handle = addon_data(info.Env()).page_table_constructor.New({});
+  return wrap(info.Env(), std::move(table));
+}
+
+Napi::Object PageTableHandle::wrap(Napi::Env env, std::shared_ptr<const StagedPageTable> table) {
+  Napi::Object handle = addon_data(env).page_table_constructor.New({});
   handle.Set("batch", table->batch);
   handle.Set("maxPages", table->max_pages);
+  handle.Set("rowsPerSequence", table->rows_per_sequence);
+  handle.Set("entries", static_cast<double>(table->indptr.back()));
   Unwrap(handle)->table_ = std::move(table);
   return handle;
 }
+
+namespace {
+
+// pageTableArrays(table) -> [indptr, indices, lastPageLen] as i32 tensors on the table's device,
+// sharing its memory.
+Napi::Value page_table_arrays(const Napi::CallbackInfo& info) {
+  const auto table = PageTableHandle::unwrap(info[0], "table");
+  Napi::Array out = Napi::Array::New(info.Env(), 3);
+  out.Set(0u, TensorHandle::wrap(info.Env(), table->indptr_dev));
+  out.Set(1u, TensorHandle::wrap(info.Env(), table->indices_dev));
+  out.Set(2u, TensorHandle::wrap(info.Env(), table->last_page_len_dev));
+  return out;
+}
+
+}  // namespace
 
 void PageTableHandle::define(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = DefineClass(env, "PageTableHandle", {InstanceMethod<&PageTableHandle::dispose>("dispose")});
   addon_data(env).page_table_constructor = Napi::Persistent(ctor);
   exports.Set("PageTableHandle", ctor);
   exports.Set("stagePageTable", Napi::Function::New<guarded<&PageTableHandle::stage>>(env, "stagePageTable"));
+  exports.Set("pageTableArrays", Napi::Function::New<guarded<page_table_arrays>>(env, "pageTableArrays"));
 }
 
 std::shared_ptr<const StagedPageTable> PageTableHandle::unwrap(const Napi::Value& v, const char* name) {

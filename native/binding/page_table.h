@@ -15,16 +15,22 @@ namespace kvflash::binding {
 
 struct StagedPageTable {
   Device device;
-  std::vector<int32_t> indptr, indices, last_page_len;  // host copies, checked
-  Tensor indptr_dev, indices_dev, last_page_len_dev;   // the same on `device`
-  int batch = 0;
-  int max_pages = 0;           // most pages of one sequence
-  int32_t max_index = -1;      // largest page index
+  // Host copies, checked. `indices` stays empty for a table whose indices a GPU kernel selected
+  // (Quest's top-k): its bounds are those of the table it was selected from.
+  std::vector<int32_t> indptr, indices, last_page_len;
+  Tensor indptr_dev, indices_dev, last_page_len_dev;  // the same on `device`
+  int batch = 0;                 // sequences
+  int rows_per_sequence = 1;     // 1, or Hkv for per-KV-head rows (see PagedKV)
+  int max_pages = 0;             // most pages of one row
+  int32_t max_index = -1;        // largest page index
   int32_t max_last_page_len = 0;
 
-  int32_t seq_len(int b, int page_size) const {
-    return (indptr[b + 1] - indptr[b] - 1) * page_size + last_page_len[b];
+  // Length of table row `row` (= sequence when rows_per_sequence is 1).
+  int32_t seq_len(int row, int page_size) const {
+    return (indptr[row + 1] - indptr[row] - 1) * page_size + last_page_len[row];
   }
+  // The table's arrays as a PagedKV with no pool yet.
+  PagedKV view() const;
   // The PagedKV view over a pool of `num_pages` pages of `page_size` tokens; throws E_RANGE if an
   // index or a last-page length does not fit that pool.
   PagedKV bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const;
@@ -35,6 +41,10 @@ class PageTableHandle : public Napi::ObjectWrap<PageTableHandle> {
   static void define(Napi::Env env, Napi::Object exports);
   // The table behind a handle argument; E_DISPOSED after dispose().
   static std::shared_ptr<const StagedPageTable> unwrap(const Napi::Value& v, const char* name);
+  // A handle for a table built in C++ (the result of an op).
+  static Napi::Object wrap(Napi::Env env, std::shared_ptr<const StagedPageTable> table);
+  // Copies host values to `device` (a table's arrays).
+  static Tensor upload(const std::vector<int32_t>& values, const Device& device);
 
   explicit PageTableHandle(const Napi::CallbackInfo& info);
 

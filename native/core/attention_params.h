@@ -38,6 +38,9 @@ struct PagedKV {
   const void* v_pages = nullptr;
   int num_pages = 0;
   int page_size = 0;  // P, a power of two
+  // 1: one table row per sequence, shared by its KV heads. num_kv_heads: row b * Hkv + h lists the
+  // pages KV head h of sequence b reads (Quest's per-head selections); lengths are per row too.
+  int rows_per_sequence = 1;
   const int32_t* indptr = nullptr;         // [B+1]
   const int32_t* indices = nullptr;        // [nnz]
   const int32_t* last_page_len = nullptr;  // [B]

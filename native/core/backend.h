@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_params.h"
+#include "quest_params.h"
 #include "tensor.h"
 
 namespace kvflash {
@@ -49,6 +50,11 @@ class Backend {
   virtual void paged_prefill(const Device& device, const PagedPrefillParams& p) = 0;
   virtual void paged_decode(const Device& device, const DecodeParams& p) = 0;
   virtual void append_paged_kv(const Device& device, const AppendParams& p) = 0;
+
+  // Quest (quest_params.h).
+  virtual void quest_update_meta(const Device& device, const QuestMetaParams& p) = 0;
+  virtual void quest_scores(const Device& device, const QuestScoreParams& p) = 0;
+  virtual void topk_pages(const Device& device, const TopkPagesParams& p) = 0;
 
   // A timing point after the work queued so far.
   virtual std::shared_ptr<TimedEvent> record_timed(const Device& device) = 0;

@@ -55,9 +55,11 @@ void visible_keys(const AttentionMask& mask, int i, int num_queries, int num_key
 size_t row_bytes(DType dtype, int heads, int head_dim) { return dtype_size(dtype) * size_t(heads) * head_dim; }
 
 // Rows of one sequence's keys in a paged pool: position j is slot j % P of its (j / P)-th page.
+// With a table row per KV head, each head reads its own list of pages.
 KeyValueRows paged_rows(DType dtype, const AttentionShape& shape, const PagedKV& kv, int b, int kv_head) {
-  const int32_t begin = kv.indptr_host[b];
-  const int32_t pages = kv.indptr_host[b + 1] - begin;
+  const int row = kv.rows_per_sequence == 1 ? b : b * kv.rows_per_sequence + kv_head;
+  const int32_t begin = kv.indptr_host[row];
+  const int32_t pages = kv.indptr_host[row + 1] - begin;
   const size_t token_bytes = row_bytes(dtype, shape.num_kv_heads, shape.head_dim);
   const size_t head_offset = dtype_size(dtype) * size_t(kv_head) * shape.head_dim;
   auto at = [=](const void* pool, int j) {
@@ -67,7 +69,7 @@ KeyValueRows paged_rows(DType dtype, const AttentionShape& shape, const PagedKV&
                                     head_offset);
   };
   KeyValueRows rows;
-  rows.count = (pages - 1) * kv.page_size + kv.last_page_len_host[b];
+  rows.count = (pages - 1) * kv.page_size + kv.last_page_len_host[row];
   rows.key = [=](int j) { return at(kv.k_pages, j); };
   rows.value = [=](int j) { return at(kv.v_pages, j); };
   return rows;

@@ -12,6 +12,7 @@
 #include "decode.h"
 #include "elementwise.h"
 #include "prefill.h"
+#include "quest.h"
 
 namespace kvflash {
 namespace cuda {
@@ -144,6 +145,16 @@ class CudaBackend final : public Backend {
 
   void append_paged_kv(const Device& device, const AppendParams& p) override {
     launch_append_paged_kv(p, state(device).stream);
+  }
+
+  void quest_update_meta(const Device& device, const QuestMetaParams& p) override {
+    launch_quest_update_meta(p, state(device).stream);
+  }
+  void quest_scores(const Device& device, const QuestScoreParams& p) override {
+    launch_quest_scores(p, state(device).stream);
+  }
+  void topk_pages(const Device& device, const TopkPagesParams& p) override {
+    launch_topk_pages(p, state(device).stream);
   }
 
   std::shared_ptr<PendingWork> record(const Device& device) override {

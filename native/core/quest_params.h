@@ -1,0 +1,51 @@
+// Quest (query-aware page selection): the contract between the binding and each backend.
+//
+// Metadata of a layer: meta [numPages, 2, Hkv, D] in the page dtype; meta[p][0] is the channel-wise
+// minimum and meta[p][1] the maximum of the keys in page p's valid slots (exact: a min or max of
+// values is one of them, so the page dtype holds it without rounding).
+// Scores: for each page entry e of the table (CSR order) and KV head h,
+//   scores[e][h] = max over the query heads q of h's group of  sum_d max(q_d * min_d, q_d * max_d),
+// an upper bound of q.k over the page (Quest's U_p).
+// Selection: per (sequence, KV head), the sequence's last page always, plus the budget - 1 best other
+// pages (higher score first, then earlier page), listed in page order; all pages when they fit.
+#pragma once
+#include <cstdint>
+
+#include "attention_params.h"
+
+namespace kvflash {
+
+// Recomputes the metadata of `num_pages_to_update` pages from their first valid_len[i] slots.
+struct QuestMetaParams {
+  DType dtype = DType::BF16;
+  int num_kv_heads = 0, head_dim = 0, page_size = 0;
+  const void* k_pages = nullptr;
+  void* meta = nullptr;
+  int num_pages_to_update = 0;
+  const int32_t* pages = nullptr;      // [n] page indices
+  const int32_t* valid_len = nullptr;  // [n] 1..P
+  const int32_t* pages_host = nullptr;
+  const int32_t* valid_len_host = nullptr;
+};
+
+struct QuestScoreParams {
+  DType dtype = DType::BF16;
+  AttentionShape shape;
+  int batch = 0;
+  int nnz = 0;  // page entries in the table
+  const void* q = nullptr;     // [B, H, D]
+  const void* meta = nullptr;  // [numPages, 2, Hkv, D]
+  PagedKV kv;                  // the dense table (rows_per_sequence 1)
+  float* scores = nullptr;     // [nnz, Hkv]
+};
+
+struct TopkPagesParams {
+  int batch = 0, num_kv_heads = 0, budget = 0;
+  int max_pages = 0;             // most pages of one sequence (sizes the selection's scratch)
+  const float* scores = nullptr;  // [nnz, Hkv]
+  PagedKV kv;                    // the dense table
+  const int32_t* out_indptr = nullptr;  // [B * Hkv + 1], filled by the host: min(pages, budget) per row
+  int32_t* out_indices = nullptr;       // filled here
+};
+
+}  // namespace kvflash
