@@ -89,12 +89,16 @@ Napi::Value reinterpret(const Napi::CallbackInfo& info) {
 // read(tensor, asFloat) -> Promise<ArrayBuffer>: a snapshot taken in stream order now, converted to
 // float32 (float dtypes, when asFloat) or returned as raw bytes, once the device has delivered it.
 Napi::Value read(const Napi::CallbackInfo& info) {
-  const Tensor& t = TensorHandle::unwrap(info[0], "tensor");
+  const Tensor& t = TensorHandle::unwrap_unready(info[0], "tensor");
   const bool as_float = get_bool(info[1], "asFloat") && is_float(t.dtype()) && t.dtype() != DType::F32;
-  const Tensor snapshot = to_device(t, Device{});
+  // A host tensor a download is still filling is read as it lands (its final contents); anything
+  // else is snapshotted now, in stream order.
+  const bool landing = !t.device().is_cuda() && t.storage()->pending_fill;
+  const Tensor snapshot = landing ? t : to_device(t, Device{});
+  const std::shared_ptr<PendingWork> pending = snapshot.storage()->pending_fill;
   auto out = std::make_shared<std::vector<char>>();
-  auto wait = [snapshot, as_float, out]() {
-    snapshot.wait_host_ready();
+  auto wait = [snapshot, pending, as_float, out]() {
+    if (pending) pending->wait();
     if (as_float) {
       out->resize(static_cast<size_t>(snapshot.numel()) * 4);
       for (int64_t i = 0; i < snapshot.numel(); ++i)

@@ -19,13 +19,18 @@ Napi::Object TensorHandle::wrap(Napi::Env env, Tensor tensor) {
   return obj;
 }
 
-const Tensor& TensorHandle::unwrap(const Napi::Value& v, const char* name) {
+const Tensor& TensorHandle::unwrap_unready(const Napi::Value& v, const char* name) {
   const Napi::Env env = v.Env();
-  const bool is_handle =
-      v.IsObject() && v.As<Napi::Object>().InstanceOf(addon_data(env).tensor_constructor.Value());
+  const bool is_handle = v.IsObject() && v.As<Napi::Object>().InstanceOf(addon_data(env).tensor_constructor.Value());
   KV_CHECK(is_handle, Dtype, "Expected Tensor for ", name, " but received ", describe_value(v));
   const Tensor& t = Unwrap(v.As<Napi::Object>())->tensor_;
   KV_CHECK(t.defined(), Disposed, "Expected a live Tensor for ", name, " but received a disposed one");
+  return t;
+}
+
+const Tensor& TensorHandle::unwrap(const Napi::Value& v, const char* name) {
+  const Tensor& t = unwrap_unready(v, name);
+  if (!t.device().is_cuda()) t.wait_host_ready();
   return t;
 }
 

@@ -13,7 +13,10 @@ class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
   // A new handle owning `tensor`.
   static Napi::Object wrap(Napi::Env env, Tensor tensor);
   // The tensor behind a handle argument; E_DISPOSED after dispose(), E_DTYPE for a non-handle.
+  // A host tensor that a device download is still filling is waited for first, so every op reads
+  // finished data (toArray avoids that wait: it reads through unwrap_unready and a worker).
   static const Tensor& unwrap(const Napi::Value& v, const char* name);
+  static const Tensor& unwrap_unready(const Napi::Value& v, const char* name);
 
   explicit TensorHandle(const Napi::CallbackInfo& info);
 

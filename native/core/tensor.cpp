@@ -40,7 +40,10 @@ std::string Tensor::describe() const {
 }
 
 void Tensor::wait_host_ready() const {
-  if (storage_ && storage_->pending_fill) storage_->pending_fill->wait();
+  if (storage_ && storage_->pending_fill) {
+    storage_->pending_fill->wait();
+    storage_->pending_fill.reset();
+  }
 }
 
 }  // namespace kvflash

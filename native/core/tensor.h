@@ -70,7 +70,8 @@ class Tensor {
   // "bf16 [4, 8] on cuda:0", for error messages.
   std::string describe() const;
 
-  // Blocks until any device-to-host copy into this (host) tensor has landed.
+  // Blocks until any device-to-host copy into this (host) tensor has landed. Main thread only: it
+  // clears the storage's pending_fill.
   void wait_host_ready() const;
 
   static int64_t numel_of(const Shape& shape) {

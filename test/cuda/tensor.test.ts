@@ -1,7 +1,7 @@
 // GPU suite: runs only where the CUDA backend is live (see vitest.config.mts).
 import { describe, expect, it } from 'vitest';
 
-import { backend, DTYPES, Tensor } from '../../lib/index';
+import { backend, DTYPES, gpuBusyWait, Tensor } from '../../lib/index';
 import { allFinite16BitCodes, allFp8Codes, bf16Midpoints, f16Midpoints, fp8Midpoints } from '../float-codes';
 
 const device = 'cuda:0' as const;
@@ -61,6 +61,25 @@ describe('CUDA tensors', () => {
     expect([...(await t.toArray())]).toEqual([...(await host.toArray())]);
     using i = Tensor.full([1000], -3, { dtype: 'i64', device });
     expect((await i.toArray()).every((v) => v === -3n)).toBe(true);
+  });
+
+  it('lets host ops read a download only once it has landed', async () => {
+    using g = Tensor.fromArray(Float32Array.from({ length: 1 << 20 }, (_, i) => i % 1000), [1 << 20], { device });
+    gpuBusyWait(200, device); // the download below queues behind this
+    using host = g.to('cpu');
+    using copy = host.cast('f32'); // a host op straight away: must see the finished data
+    const values = await copy.toArray();
+    expect(values[999]).toBe(999);
+    expect(values[(1 << 20) - 1]).toBe(((1 << 20) - 1) % 1000);
+    // toArray of a landing download waits off the event loop.
+    gpuBusyWait(300, device);
+    using later = g.to('cpu');
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 10);
+    const read = await later.toArray();
+    clearInterval(timer);
+    expect(read[12345]).toBe(345);
+    expect(ticks).toBeGreaterThan(10);
   });
 
   it('moves large tensors both ways intact', async () => {
