@@ -65,7 +65,7 @@ export interface NativeBinding {
   pagedPrefill(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, cuSeqlensQ: Int32Array,
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   pagedDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, scale: number,
-    returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+    returnLse: boolean, splits: number): [TensorHandle, TensorHandle | undefined];
   appendPagedKV(k: TensorHandle, v: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle,
     batchIndices: Int32Array, positions: Int32Array, questMeta: TensorHandle | undefined): void;
   buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;

@@ -43,6 +43,8 @@ export interface PagedPrefillOptions extends MaskOptions {
 export interface DecodeOptions {
   scale?: number;
   returnLse?: boolean;
+  /** GPU only: split each sequence this many ways (1..256) instead of the automatic choice; for tests and tuning. */
+  splits?: number;
 }
 
 export interface AttentionResult {
@@ -89,7 +91,7 @@ export function pagedPrefillAttention(q: Tensor, pages: KVPages, table: PageTabl
 export function pagedDecodeAttention(q: Tensor, pages: KVPages, table: PageTable | StagedPageTable, opts: DecodeOptions = {}): AttentionResult {
   const handles = [q.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
   const result = withStagedTable(table, q.device, (staged) =>
-    callNative(() => native().pagedDecode(...handles, staged, opts.scale ?? defaultScale(q), opts.returnLse ?? false)),
+    callNative(() => native().pagedDecode(...handles, staged, opts.scale ?? defaultScale(q), opts.returnLse ?? false, opts.splits ?? 0)),
   );
   return wrapResult(q, result);
 }

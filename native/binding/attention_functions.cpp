@@ -188,7 +188,7 @@ Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
   return results(info.Env(), out, lse);
 }
 
-// pagedDecode(q, kPages, vPages, table, scale, returnLse) -> [out, lse?]
+// pagedDecode(q, kPages, vPages, table, scale, returnLse, splits) -> [out, lse?]
 Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
@@ -201,8 +201,6 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   KV_CHECK(in.table->rows_per_sequence == 1 || in.table->rows_per_sequence == in.k_pages.size(2), Shape,
            "Expected a table with one row per sequence or per KV head (", in.k_pages.size(2), ") but received ",
            in.table->rows_per_sequence, " rows per sequence");
-  KV_CHECK(in.table->rows_per_sequence == 1 || !q.device().is_cuda(), Unsupported,
-           "Expected a dense page table for decode on a GPU but received a per-KV-head selection");
   p.scale = static_cast<float>(get_number(info[4], "scale"));
   KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
            p.scale);
@@ -211,6 +209,7 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   Tensor lse = lse_tensor(get_bool(info[5], "returnLse"), q.size(0), p.shape.num_q_heads, device);
   p.batch = in.table->batch;
   p.max_pages_per_seq = in.table->max_pages;
+  p.splits = static_cast<int>(get_int(info[6], "splits", 0, 256));
   p.q = q.data();
   p.out = out.data();
   p.lse = lse.defined() ? lse.data_as<float>() : nullptr;

@@ -135,9 +135,11 @@ Napi::Value topk_pages(const Napi::CallbackInfo& info) {
     }
     selected->max_pages = std::max(selected->max_pages, n);
   }
+  // The op writes the selection's arrays on the device; the host copies above serve the checks.
   const Device device = table->device;
-  selected->indptr_dev = PageTableHandle::upload(selected->indptr, device);
-  selected->last_page_len_dev = PageTableHandle::upload(selected->last_page_len, device);
+  const int64_t rows = static_cast<int64_t>(table->batch) * kv_heads;
+  selected->indptr_dev = empty({rows + 1}, DType::I32, device);
+  selected->last_page_len_dev = empty({rows}, DType::I32, device);
   selected->indices_dev = empty({selected->indptr.back()}, DType::I32, device);
   TopkPagesParams p;
   p.batch = table->batch;
@@ -148,6 +150,7 @@ Napi::Value topk_pages(const Napi::CallbackInfo& info) {
   p.kv = table->view();
   p.out_indptr = selected->indptr_dev.data_as<int32_t>();
   p.out_indices = selected->indices_dev.data_as<int32_t>();
+  p.out_last_page_len = selected->last_page_len_dev.data_as<int32_t>();
   backend_for(device).topk_pages(device, p);
   // On the host the selection is known at once; keep it, as for any staged table.
   if (!device.is_cuda()) {

@@ -91,6 +91,7 @@ struct DecodeParams {
   float scale = 1.0f;
   int batch = 0;
   int max_pages_per_seq = 0;  // host-known maximum of indptr[b+1] - indptr[b]
+  int splits = 0;             // 0: chosen by the backend; else split each sequence this many ways (tests, tuning)
   const void* q = nullptr;
   void* out = nullptr;
   float* lse = nullptr;

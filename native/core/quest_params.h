@@ -44,8 +44,10 @@ struct TopkPagesParams {
   int max_pages = 0;             // most pages of one sequence (sizes the selection's scratch)
   const float* scores = nullptr;  // [nnz, Hkv]
   PagedKV kv;                    // the dense table
-  const int32_t* out_indptr = nullptr;  // [B * Hkv + 1], filled by the host: min(pages, budget) per row
-  int32_t* out_indices = nullptr;       // filled here
+  // The selection's table, written by the op: row b * Hkv + h holds min(pages of b, budget) pages.
+  int32_t* out_indptr = nullptr;         // [B * Hkv + 1]
+  int32_t* out_indices = nullptr;        // [sum of the rows]
+  int32_t* out_last_page_len = nullptr;  // [B * Hkv]
 };
 
 }  // namespace kvflash

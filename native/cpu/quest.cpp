@@ -53,10 +53,14 @@ void quest_scores(const QuestScoreParams& p) {
 
 void topk_pages(const TopkPagesParams& p) {
   int32_t* out = p.out_indices;
+  p.out_indptr[0] = 0;
   for (int b = 0; b < p.batch; ++b) {
     const int32_t begin = p.kv.indptr_host[b];
     const int n = p.kv.indptr_host[b + 1] - begin;
     for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int row = b * p.num_kv_heads + h;
+      p.out_indptr[row + 1] = p.out_indptr[row] + std::min(n, p.budget);
+      p.out_last_page_len[row] = p.kv.last_page_len_host[b];
       std::vector<int> chosen(n);
       std::iota(chosen.begin(), chosen.end(), 0);
       if (n > p.budget) {

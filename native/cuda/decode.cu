@@ -42,6 +42,7 @@ struct DecodeArgs {
   const int32_t* indptr;
   const int32_t* indices;
   const int32_t* last_page_len;
+  int rows_per_sequence;  // 1, or Hkv when each KV head has its own table row (Quest)
   int num_heads, num_kv_heads, group, head_chunks, log2_page, num_splits;
   float scale_log2;  // scale * log2(e): the softmax runs on exp2
 };
@@ -154,10 +155,11 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
   // Lets the merge grid launch now and wait on-device (it still sees all of this grid's writes).
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
-  const int page_begin = a.indptr[b];
-  const int npages = a.indptr[b + 1] - page_begin;
+  const int table_row = a.rows_per_sequence == 1 ? b : b * a.rows_per_sequence + hk;
+  const int page_begin = a.indptr[table_row];
+  const int npages = a.indptr[table_row + 1] - page_begin;
   const int page_size = 1 << a.log2_page;
-  const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[b] : 0;
+  const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[table_row] : 0;
   // Whole tiles per split, so only the last tile of a sequence is ever partial.
   const int per_split = ((len + a.num_splits - 1) / a.num_splits + kTile - 1) / kTile * kTile;
   const int start = split * per_split;
@@ -375,21 +377,20 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
 // exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
 __device__ __forceinline__ float weight(float m, float ref) { return m == -INFINITY ? 0.f : exp2f(m - ref); }
 
-// One warp per (sequence, query head): weights each split by exp2(lse_s - max), normalized. Lanes
-// own 4 columns each; split weights live one per lane and are broadcast by shuffle, and partial rows
-// are fetched 16 at a time, so the merge costs a few L2 round trips rather than one per split.
+// One block per (sequence, query head): weights each split by exp2(lse_s - max), normalized. The
+// block's warps take interleaved batches of splits and lanes own 4 columns each, so the merge costs a
+// few L2 round trips rather than one per split; the warps' sums meet in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* part_out, const float* part_lse,
-                                                                void* out, float* lse, int64_t rows, int splits,
-                                                                int head_dim) {
-  constexpr int kBatch = 16;
+                                                                void* out, float* lse, int splits, int head_dim) {
+  constexpr int kBatch = 8;  // partial rows one warp has in flight
+  __shared__ float4 warp_sum[kWarps][256 / 4];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (row >= rows) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row = blockIdx.x;
   const float* pl = part_lse + row * splits;
   const float* po = part_out + row * splits * head_dim;
   // One pass over the lse values: a running (max, denominator) per lane, then merged across lanes.
@@ -411,42 +412,50 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* par
   const float inv = den > 0.f ? 1.f / den : 0.f;
   for (int d0 = 0; d0 < head_dim; d0 += 128) {  // every lane iterates: the shuffles need the whole warp
     const int d = d0 + lane * 4;
-    const bool active = d < head_dim;
-    const int dl = active ? d : head_dim - 4;  // idle lanes load a valid column and store nothing
+    const int dl = d < head_dim ? d : head_dim - 4;  // idle lanes load a valid column; it is never stored
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < splits; s0 += 32) {
-      const int n = min(32, splits - s0);
+    for (int s0 = warp * kBatch; s0 < splits; s0 += kWarps * kBatch) {
+      const int n = min(kBatch, splits - s0);
       const float w_lane = lane < n ? weight(pl[s0 + lane], mx) * inv : 0.f;
-      for (int j0 = 0; j0 < n; j0 += kBatch) {
-        // Weights first, then unconditional loads (past the last split: a repeat of it, weighted 0),
-        // so no shuffle sits between the loads and all of them are in flight together.
-        float w[kBatch];
+      float w[kBatch];
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) w[j] = __shfl_sync(0xffffffffu, w_lane, j0 + j);
-        float4 v[kBatch];
+      for (int j = 0; j < kBatch; ++j) w[j] = __shfl_sync(0xffffffffu, w_lane, j);
+      // Past the last split: a repeat of it, weighted 0, so every load is unconditional.
+      float4 v[kBatch];
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          v[j] = __ldcg(reinterpret_cast<const float4*>(po + (s0 + min(j0 + j, n - 1)) * head_dim + dl));
-        }
+      for (int j = 0; j < kBatch; ++j) {
+        v[j] = __ldcg(reinterpret_cast<const float4*>(po + (s0 + min(j, n - 1)) * head_dim + dl));
+      }
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          acc.x += w[j] * v[j].x;
-          acc.y += w[j] * v[j].y;
-          acc.z += w[j] * v[j].z;
-          acc.w += w[j] * v[j].w;
-        }
+      for (int j = 0; j < kBatch; ++j) {
+        acc.x += w[j] * v[j].x;
+        acc.y += w[j] * v[j].y;
+        acc.z += w[j] * v[j].z;
+        acc.w += w[j] * v[j].w;
       }
     }
-    if (active) store4(static_cast<T*>(out) + row * head_dim + d, acc);
+    warp_sum[warp][d0 / 4 + lane] = acc;
   }
-  if (lane == 0 && lse) lse[row] = den > 0.f ? (mx + log2f(den)) * kLn2 : -INFINITY;
+  __syncthreads();
+  for (int i = threadIdx.x; i < head_dim / 4; i += kThreads) {
+    float4 t = warp_sum[0][i];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      t.x += warp_sum[w][i].x;
+      t.y += warp_sum[w][i].y;
+      t.z += warp_sum[w][i].z;
+      t.w += warp_sum[w][i].w;
+    }
+    store4(static_cast<T*>(out) + row * head_dim + i * 4, t);
+  }
+  if (threadIdx.x == 0 && lse) lse[row] = den > 0.f ? (mx + log2f(den)) * kLn2 : -INFINITY;
 }
 
 // ---- host side -------------------------------------------------------------------------------
 
 struct KernelChoice {
   void (*decode)(DecodeArgs);
-  void (*merge)(const float*, const float*, void*, float*, int64_t, int, int);
+  void (*merge)(const float*, const float*, void*, float*, int, int);
   int heads_per_block;  // 16 * MTILES
   size_t smem;
 };
@@ -529,7 +538,8 @@ struct Plan {
 // Enough splits to give each resident block slot one block (never more: a second wave of
 // half-length blocks takes as long as one of full length), each split at least kMinSplitTokens
 // and whole tiles.
-Plan make_plan(const DecodeParams& p, int forced_splits) {
+Plan make_plan(const DecodeParams& p) {
+  const int forced_splits = p.splits;
   Plan plan{choose_kernel(p), 0, 1};
   const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
   plan.head_chunks = (group + plan.k.heads_per_block - 1) / plan.k.heads_per_block;
@@ -562,6 +572,11 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   KV_CHECK(p.batch <= 65535, Unsupported, "paged decode supports batch up to 65535, not ", p.batch);
   KV_CHECK(p.kv.page_size > 0 && (p.kv.page_size & (p.kv.page_size - 1)) == 0, Shape,
            "Expected a power-of-two page size but received ", p.kv.page_size);
+  // 16-byte copies and ldmatrix rows; out takes 8-byte stores, the workspace 16-byte ones.
+  const auto aligned = [](const void* ptr, uintptr_t n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
+  KV_CHECK(aligned(p.q, 16) && aligned(p.kv.k_pages, 16) && aligned(p.kv.v_pages, 16) && aligned(p.out, 8) &&
+               aligned(workspace, 16),
+           Unsupported, "paged decode needs 16-byte-aligned q, pages and workspace, and 8-byte-aligned out");
   bool has_pdl = false;
   resident_blocks(plan.k, &has_pdl);  // raises the shared-memory limit before the first launch on a device
   DecodeArgs a{};
@@ -573,6 +588,7 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   a.indptr = p.kv.indptr;
   a.indices = p.kv.indices;
   a.last_page_len = p.kv.last_page_len;
+  a.rows_per_sequence = p.kv.rows_per_sequence;
   a.num_heads = p.shape.num_q_heads;
   a.num_kv_heads = p.shape.num_kv_heads;
   a.group = p.shape.num_q_heads / p.shape.num_kv_heads;
@@ -592,7 +608,7 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   check_launch("paged_decode_kernel");
   if (plan.splits > 1) {
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps));
+    config.gridDim = dim3(static_cast<unsigned>(rows));
     config.blockDim = dim3(kThreads);
     config.stream = stream;
     // Hides the merge's launch latency behind the decode's tail.
@@ -602,7 +618,7 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
     config.attrs = &attr;
     config.numAttrs = has_pdl ? 1 : 0;
     KV_CUDA(cudaLaunchKernelEx(&config, plan.k.merge, static_cast<const float*>(a.part_out),
-                               static_cast<const float*>(a.part_lse), p.out, p.lse, rows, plan.splits,
+                               static_cast<const float*>(a.part_lse), p.out, p.lse, plan.splits,
                                p.shape.head_dim));
     check_launch("merge_splits_kernel");
   }
@@ -610,21 +626,10 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
 
 }  // namespace
 
-size_t paged_decode_workspace_bytes(const DecodeParams& p) { return workspace_bytes(p, make_plan(p, 0)); }
+size_t paged_decode_workspace_bytes(const DecodeParams& p) { return workspace_bytes(p, make_plan(p)); }
 
 void launch_paged_decode(const DecodeParams& p, void* workspace, cudaStream_t stream) {
-  launch(p, make_plan(p, 0), workspace, stream);
+  launch(p, make_plan(p), workspace, stream);
 }
-
-// Test hooks (not in the header): the same launch with a chosen split count.
-namespace testing {
-int paged_decode_splits(const DecodeParams& p) { return make_plan(p, 0).splits; }
-size_t paged_decode_workspace_bytes_forced(const DecodeParams& p, int splits) {
-  return workspace_bytes(p, make_plan(p, splits));
-}
-void launch_paged_decode_forced(const DecodeParams& p, int splits, void* workspace, cudaStream_t stream) {
-  launch(p, make_plan(p, splits), workspace, stream);
-}
-}  // namespace testing
 
 }  // namespace kvflash::cuda

@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "quest.h"
@@ -87,7 +88,10 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 // scan; among equal keys the earlier page wins. The last page closes the row.
 __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPagesParams p) {
   using Scan = cub::BlockScan<int, kTopkThreads>;
+  using Reduce = cub::BlockReduce<int, kTopkThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ typename Reduce::TempStorage reduce_storage;
+  __shared__ int32_t shared_offset;
   __shared__ int histogram[256];
   __shared__ uint32_t shared_prefix;
   __shared__ int shared_remaining;
@@ -95,7 +99,18 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
   const int b = blockIdx.x / p.num_kv_heads, h = blockIdx.x % p.num_kv_heads;
   const int32_t begin = p.kv.indptr[b];
   const int n = p.kv.indptr[b + 1] - begin;
-  int32_t* out = p.out_indices + p.out_indptr[blockIdx.x];
+  // The row's place in the selection: every earlier row holds min(its pages, budget) entries.
+  int before = 0;
+  for (int i = threadIdx.x; i < b; i += blockDim.x) before += min(p.kv.indptr[i + 1] - p.kv.indptr[i], p.budget);
+  before = Reduce(reduce_storage).Sum(before);  // valid in thread 0
+  if (threadIdx.x == 0) {
+    shared_offset = before * p.num_kv_heads + h * min(n, p.budget);
+    p.out_indptr[blockIdx.x + 1] = shared_offset + min(n, p.budget);
+    p.out_last_page_len[blockIdx.x] = p.kv.last_page_len[b];
+    if (blockIdx.x == 0) p.out_indptr[0] = 0;
+  }
+  __syncthreads();
+  int32_t* out = p.out_indices + shared_offset;
   if (n <= p.budget) {
     for (int j = threadIdx.x; j < n; j += blockDim.x) out[j] = p.kv.indices[begin + j];
     return;

@@ -133,6 +133,25 @@ describe('paged attention on CUDA', () => {
     disposeAll(batch.out, batch.lse, single.out, single.lse, ref.out, ref.lse);
   });
 
+  it('agrees with itself at any forced split count', async () => {
+    const random = rng(302);
+    const [heads, kvHeads, dim, pageSize] = [16, 4, 128, 16];
+    const lens = [5000, 33, 1, 2049];
+    const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+    const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+    using kPages = Tensor.fromArray(cache.kPages, poolShape, { dtype: 'bf16', device });
+    using vPages = Tensor.fromArray(cache.vPages, poolShape, { dtype: 'bf16', device });
+    using q = Tensor.fromArray(normal(lens.length * heads * dim, random), [lens.length, heads, dim], { dtype: 'bf16', device });
+    const one = ops.pagedDecodeAttention(q, { kPages, vPages }, cache, { returnLse: true, splits: 1 });
+    for (const splits of [2, 7, 64]) {
+      const many = ops.pagedDecodeAttention(q, { kPages, vPages }, cache, { returnLse: true, splits });
+      await expectClose(many.out, one.out, 8e-3, `out, ${splits} splits`);
+      await expectClose(many.lse!, one.lse!, 1e-4, `lse, ${splits} splits`);
+      disposeAll(many.out, many.lse);
+    }
+    disposeAll(one.out, one.lse);
+  });
+
   it('decodes a batch of 1024 short sequences', async () => {
     const random = rng(301);
     const [heads, kvHeads, dim, pageSize] = [4, 2, 64, 8];

@@ -45,6 +45,40 @@ describe('Quest on CUDA', () => {
     });
   }
 
+  it('decodes each KV head over its own selection as the reference does', async () => {
+    const random = rng(700);
+    const [heads, kvHeads, dim, pageSize] = [32, 8, 128, 16];
+    const lengths = [4000, 100, 16];
+    const cache = pagedCache(lengths, pageSize, kvHeads, dim, random);
+    const shape = [cache.numPages, pageSize, kvHeads, dim];
+    using kPages = Tensor.fromArray(cache.kPages, shape, { dtype: 'bf16', device });
+    using vPages = Tensor.fromArray(cache.vPages, shape, { dtype: 'bf16', device });
+    using q = Tensor.fromArray(normal(lengths.length * heads * dim, random), [lengths.length, heads, dim], { dtype: 'bf16', device });
+    using meta = ops.createQuestMeta(kPages);
+    using table = new ops.StagedPageTable(cache, device);
+    ops.buildQuestMeta(kPages, meta, table);
+    using scores = ops.questScores(q, kPages, meta, table);
+    using selected = ops.topkPages(scores, table, 32);
+    const gpu = ops.pagedDecodeAttention(q, { kPages, vPages }, selected, { returnLse: true });
+    // The same selection on the host, and the reference decode over it.
+    const arrays = await selected.toArrays();
+    using kc = kPages.to('cpu');
+    using vc = vPages.to('cpu');
+    using qc = q.to('cpu');
+    using scoresC = scores.to('cpu');
+    using hostSelection = ops.topkPages(scoresC, cache, 32);
+    expect([...(await hostSelection.toArrays()).indices]).toEqual([...arrays.indices]);
+    const cpu = ops.pagedDecodeAttention(qc, { kPages: kc, vPages: vc }, hostSelection, { returnLse: true });
+    expect(maxAbsDiff((await gpu.out.toArray()) as Float32Array, (await cpu.out.toArray()) as Float32Array)).toBeLessThan(2e-2);
+    expect(maxAbsDiff((await gpu.lse!.toArray()) as Float32Array, (await cpu.lse!.toArray()) as Float32Array)).toBeLessThan(1e-3);
+    // A budget that covers every page gives exactly the dense decode.
+    using all = ops.topkPages(scores, table, 1000);
+    const sparse = ops.pagedDecodeAttention(q, { kPages, vPages }, all, { returnLse: true });
+    const dense = ops.pagedDecodeAttention(q, { kPages, vPages }, table, { returnLse: true });
+    expect(Buffer.from(await sparse.out.bytes()).equals(Buffer.from(await dense.out.bytes()))).toBe(true);
+    for (const t of [gpu.out, gpu.lse!, cpu.out, cpu.lse!, sparse.out, sparse.lse!, dense.out, dense.lse!]) t.dispose();
+  });
+
   it('selects the same pages as the CPU sort, ties and long rows included', async () => {
     const random = rng(600);
     const kvHeads = 8;
