@@ -20,6 +20,7 @@ function runJson(command, argv, label) {
 }
 
 const kvflash = runJson(process.execPath, [path.join(__dirname, 'attention.js')], 'kvflash suite');
+const quest = runJson(process.execPath, [path.join(__dirname, 'quest.js')], 'Quest suite');
 const torch = runJson(python, [path.join(__dirname, 'baselines', 'attention.py')], 'PyTorch baselines');
 
 const metricOf = (r) => (r.suite === 'prefill' ? r.tflops : r.tbps);
@@ -45,7 +46,7 @@ const report = {
   device: kvflash.device,
   computeCapability: kvflash.computeCapability,
   torch: torch.torch,
-  method: 'CUDA events, 5 warm-up runs, median of 30; L2 flushed (256 MiB write) before each decode run; a busy kernel queued before each run so host preparation is not timed. Ratios are baseline time / kvflash time (>1: kvflash faster). Decode pages are scattered at random over the pool; the baselines read contiguous K/V.',
+  method: 'CUDA events, 5 warm-up runs, median of 30; L2 flushed before each decode run by reading (not writing) 4x its size; a busy kernel queued before each run so host preparation is not timed. Ratios are baseline time / kvflash time (>1: kvflash faster). Decode pages are scattered at random over the pool; the baselines read contiguous K/V.',
   shapes: JSON.parse(fs.readFileSync(path.join(__dirname, 'shapes.json'), 'utf8')),
   copyCeilingTBps: copy?.tbps,
   rows,
@@ -75,6 +76,14 @@ fs.mkdirSync(outDir, { recursive: true });
 const base = path.join(outDir, `attention-${date}-${gpu}`);
 fs.writeFileSync(`${base}.json`, JSON.stringify(report, null, 2) + '\n');
 fs.writeFileSync(`${base}.svg`, chart(rows));
+const questReport = {
+  date,
+  device: quest.device,
+  method: 'B=1, H=32, Hkv=8, D=128, bf16, page 16, pages scattered; Quest = questScores + topkPages + pagedDecodeAttention over the selection, timed together; full = pagedDecodeAttention over every page; CUDA events, median of 30, L2 flushed by reads before each run. Recall is measured by bench/quest-quality.js.',
+  results: quest.results,
+};
+const questFile = path.join(outDir, `quest-${date}-${gpu}.json`);
+fs.writeFileSync(questFile, JSON.stringify(questReport, null, 2) + '\n');
 
 const fmt = (v) => (v == null ? '-' : v.toFixed(2));
 console.log(`\n${report.device}, ${date}, torch ${report.torch}; copy ceiling ${fmt(copy?.tbps)} TB/s`);
@@ -83,4 +92,10 @@ console.log('| --- | --- | --- | --- | --- | --- | --- |');
 for (const r of rows) {
   console.log(`| ${r.name} | ${r.unit} | ${fmt(r.kvflash.value)} | ${r.flash.error ? 'error' : fmt(r.flash.value)} | ${r.cudnn.error ? 'error' : fmt(r.cudnn.value)} | ${fmt(r.vsFlash)} | ${fmt(r.vsCudnn)} |`);
 }
-console.log(`\nwrote ${base}.json and ${base}.svg`);
+console.log('\n| Quest context | budget (tokens) | full decode µs | Quest µs | speedup | scores / top-k / sparse µs |');
+console.log('| --- | --- | --- | --- | --- | --- |');
+for (const r of quest.results) {
+  const st = r.stagesUs;
+  console.log(`| ${r.length} | ${r.budgetTokens} | ${r.fullUs.toFixed(1)} | ${r.questUs.toFixed(1)} | ${r.speedup.toFixed(2)}x | ${st.scores.toFixed(1)} / ${st.topk.toFixed(1)} / ${st.sparseDecode.toFixed(1)} |`);
+}
+console.log(`\nwrote ${base}.json, ${base}.svg and ${questFile}`);

@@ -8,6 +8,7 @@
 const fs = require('node:fs');
 const path = require('node:path');
 const { ops, Tensor } = require('../dist/cjs/index.js');
+const { normalRandom, uniformRandom } = require('./random.js');
 
 const [HEADS, KV_HEADS, DIM, PAGE] = [8, 2, 128, 16];
 const GROUP = HEADS / KV_HEADS;
@@ -15,15 +16,8 @@ const NEEDLES_PER_HEAD = 4;
 const LENGTHS = [32768, 131072];
 const BUDGETS = [256, 512, 1024, 2048, 4096];
 
-let seed = 7;
-function uniform() {
-  seed = (seed + 0x6d2b79f5) >>> 0;
-  let t = seed;
-  t = Math.imul(t ^ (t >>> 15), t | 1);
-  t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-}
-const gauss = () => Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform());
+const uniform = uniformRandom(7);
+const gauss = normalRandom(8);
 
 function context(length) {
   const keys = new Float32Array(length * KV_HEADS * DIM).map(gauss);

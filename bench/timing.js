@@ -1,20 +1,19 @@
 // Timing GPU work the way bench/baselines/attention.py does: CUDA events around the op, a busy
 // kernel queued first so that host-side preparation never shows as device time, the L2 cache
-// flushed before each run when asked (decode), warm-up, then the median of the runs.
+// flushed by reads (no dirty lines to write back during the op) before each run when asked (decode),
+// warm-up, then the median of the runs.
 'use strict';
-const { Tensor, TimingEvent, gpuBusyWait, synchronize } = require('../dist/cjs/index.js');
-
-const FLUSH_BYTES = 256 << 20;
+const { Tensor, TimingEvent, flushL2Cache, gpuBusyWait, synchronize } = require('../dist/cjs/index.js');
+const { normalRandom } = require('./random.js');
 
 /** Times `run()` (which returns tensors to dispose, or nothing). Returns { medianMs, minMs, runs }. */
 async function timeGpu(run, { device = 'cuda:0', flush = false, warmup = 5, iterations = 30 } = {}) {
-  const flushBuffer = flush ? Tensor.empty([FLUSH_BYTES], { dtype: 'u8', device }) : undefined;
   const release = (out) => [].concat(out ?? []).forEach((t) => t.dispose());
   for (let i = 0; i < warmup; i++) release(run());
   await synchronize(device);
   const times = [];
   for (let i = 0; i < iterations; i++) {
-    flushBuffer?.fill(i & 0xff);
+    if (flush) flushL2Cache(device);
     gpuBusyWait(0.1, device);
     const start = new TimingEvent(device);
     const out = run();
@@ -22,7 +21,6 @@ async function timeGpu(run, { device = 'cuda:0', flush = false, warmup = 5, iter
     times.push(await end.elapsedSince(start));
     release(out);
   }
-  flushBuffer?.dispose();
   times.sort((a, b) => a - b);
   return { medianMs: times[times.length >> 1], minMs: times[0], runs: iterations };
 }
@@ -31,16 +29,9 @@ async function timeGpu(run, { device = 'cuda:0', flush = false, warmup = 5, iter
 function randomTensor(shape, { dtype = 'bf16', device = 'cuda:0', seed = 1 } = {}) {
   const total = shape.reduce((a, b) => a * b, 1);
   const blockLength = Math.min(total, 1 << 22);
-  let s = seed >>> 0;
-  const uniform = () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const normal = normalRandom(seed);
   const data = new Float32Array(blockLength);
-  for (let i = 0; i < blockLength; i++) data[i] = Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform());
+  for (let i = 0; i < blockLength; i++) data[i] = normal();
   const block = Tensor.fromArray(data, [blockLength], { dtype, device });
   const out = Tensor.empty(shape, { dtype, device });
   const flat = out.reshape([total]);

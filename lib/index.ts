@@ -7,7 +7,7 @@ export { backend } from './native';
 export type { BackendInfo, MemoryStats } from './native';
 export { Tensor } from './tensor';
 export type { ArrayData, DeviceName, TensorOptions } from './tensor';
-export { emptyCache, gpuBusyWait, memory, setMemoryLimit, synchronize, TimingEvent } from './runtime';
+export { emptyCache, flushL2Cache, gpuBusyWait, memory, setMemoryLimit, synchronize, TimingEvent } from './runtime';
 export * as ops from './ops/index';
 export type { AppendPositions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
 export type { PageTable } from './ops/page-table';

@@ -77,6 +77,7 @@ export interface NativeBinding {
   setMemoryLimit(device: string, bytes: number): void;
   synchronize(device: string): Promise<void>;
   busyWait(device: string, ms: number): void;
+  flushCache(device: string): void;
   recordEvent(device: string): object;
   elapsedMs(start: object, end: object): Promise<number>;
 }

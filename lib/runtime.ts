@@ -58,3 +58,12 @@ export function gpuBusyWait(ms: number, device?: DeviceName): void {
   const name = deviceOrDefault(device);
   callNative(() => native().busyWait(name, ms));
 }
+
+/**
+ * Benchmark support: evicts a GPU's L2 cache by reading a buffer four times its size (reads only, so
+ * no dirty lines are left whose write-back would land in the next op's time).
+ */
+export function flushL2Cache(device?: DeviceName): void {
+  const name = deviceOrDefault(device);
+  callNative(() => native().flushCache(name));
+}

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { emptyCache, KvflashError, memory, setMemoryLimit, Tensor, TimingEvent } from '../lib/index';
+import { emptyCache, flushL2Cache, gpuBusyWait, KvflashError, memory, setMemoryLimit, Tensor, TimingEvent } from '../lib/index';
 
 afterEach(() => setMemoryLimit('cpu', 0));
 
@@ -66,6 +66,13 @@ describe('caching allocator (cpu)', () => {
     const out = JSON.parse(execFileSync(process.execPath, ['--expose-gc', '-e', script], { cwd: path.join(__dirname, '..'), encoding: 'utf8' }));
     expect(out.held - out.before).toBeGreaterThanOrEqual(4 << 20);
     expect(out.after).toBe(out.before);
+  });
+});
+
+describe('GPU-only runtime helpers on the CPU backend', () => {
+  it('refuse the cpu device with E_UNSUPPORTED', () => {
+    expect(() => gpuBusyWait(1, 'cpu')).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED' }));
+    expect(() => flushL2Cache('cpu')).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: 'Expected a cuda device for flush_cache but received cpu' }));
   });
 });
 

@@ -100,6 +100,12 @@ Napi::Value busy_wait(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value flush_cache(const Napi::CallbackInfo& info) {
+  const Device device = get_device(info[0], "device");
+  backend_for(device).flush_cache(device);
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void export_runtime_functions(Napi::Env env, Napi::Object exports) {
@@ -111,6 +117,7 @@ void export_runtime_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("recordEvent", Napi::Function::New<guarded<record_event>>(env, "recordEvent"));
   exports.Set("elapsedMs", Napi::Function::New<guarded<elapsed_ms>>(env, "elapsedMs"));
   exports.Set("busyWait", Napi::Function::New<guarded<busy_wait>>(env, "busyWait"));
+  exports.Set("flushCache", Napi::Function::New<guarded<flush_cache>>(env, "flushCache"));
 }
 
 }  // namespace kvflash::binding

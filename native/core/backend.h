@@ -61,6 +61,8 @@ class Backend {
 
   // Test support: keeps the device busy for about `ms` milliseconds.
   virtual void busy_wait(const Device& device, double ms) = 0;
+  // Benchmark support: evicts the device's cache by reading (not writing) a buffer several times its size.
+  virtual void flush_cache(const Device& device) = 0;
 };
 
 Backend& cpu_backend();

@@ -71,6 +71,9 @@ class CpuBackend final : public Backend {
   void busy_wait(const Device&, double) override {
     fail(ErrorCode::Unsupported, "Expected a cuda device for busy_wait but received cpu");
   }
+  void flush_cache(const Device&) override {
+    fail(ErrorCode::Unsupported, "Expected a cuda device for flush_cache but received cpu");
+  }
 
  private:
   HostMemory memory_;

@@ -86,6 +86,7 @@ struct DeviceState {
   DeviceMemory memory;
   CachingAllocator allocator;
   cudaStream_t stream{};
+  Tensor flush_buffer;  // made on first flush_cache: four times the L2 size, filled once
 };
 
 class CudaBackend final : public Backend {
@@ -166,6 +167,17 @@ class CudaBackend final : public Backend {
   }
 
   void busy_wait(const Device& device, double ms) override { cuda::launch_busy_wait(ms, state(device).stream); }
+
+  void flush_cache(const Device& device) override {
+    DeviceState& s = state(device);
+    if (!s.flush_buffer.defined()) {
+      int l2_bytes = 0;
+      KV_CUDA(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device.index));
+      s.flush_buffer = empty({std::max<int64_t>(int64_t(l2_bytes) * 4, 64 << 20)}, DType::U8, device);
+      fill(s.flush_buffer, 1);
+    }
+    cuda::launch_read_through(s.flush_buffer.data(), s.flush_buffer.nbytes(), s.stream);
+  }
 
   DeviceState& state(const Device& device) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -1,7 +1,7 @@
 // GPU suite: allocator, out-of-memory handling, and waits that leave the event loop free.
 import { describe, expect, it } from 'vitest';
 
-import { emptyCache, gpuBusyWait, KvflashError, memory, synchronize, Tensor, TimingEvent } from '../../lib/index';
+import { emptyCache, flushL2Cache, gpuBusyWait, KvflashError, memory, synchronize, Tensor, TimingEvent } from '../../lib/index';
 
 const device = 'cuda:0' as const;
 
@@ -71,6 +71,17 @@ describe('CUDA runtime', () => {
     }
     expect((error as KvflashError).code).toBe('E_DEVICE');
     expect((error as KvflashError).message).toMatch(/^Expected a device index below \d+ but received cuda:63$/);
+  });
+});
+
+describe('flushL2Cache (cuda)', () => {
+  it('reads through a buffer larger than L2 without touching other memory', async () => {
+    using t = Tensor.fromArray([1, 2, 3], [3], { device });
+    const start = new TimingEvent(device);
+    flushL2Cache(device);
+    const end = new TimingEvent(device);
+    expect(await end.elapsedSince(start)).toBeGreaterThan(0.01); // ~200 MB of reads takes tens of microseconds
+    expect([...(await t.toArray())]).toEqual([1, 2, 3]);
   });
 });
 
