@@ -34,6 +34,8 @@ function prebuiltCpuBinary() {
 const wantCuda = process.env.KVFLASH_CUDA !== '0';
 const nvcc = wantCuda ? findNvcc() : undefined;
 if (!nvcc) {
+  // A CUDA addon left by an earlier build would still be chosen at load time: this build has none.
+  fs.rmSync(path.join(root, 'build', 'cuda'), { recursive: true, force: true });
   const prebuilt = prebuiltCpuBinary();
   if (prebuilt && prebuilt.includes(`${path.sep}prebuilds${path.sep}`)) {
     console.log(`kvflash: using the prebuilt CPU binary ${path.relative(root, prebuilt)} (no nvcc found: no CUDA backend)`);
