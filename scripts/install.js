@@ -44,13 +44,15 @@ if (!nvcc) {
 }
 
 const started = Date.now();
-const args = [require.resolve('cmake-js/bin/cmake-js'), 'compile', '--parallel', String(Math.max(1, os.cpus().length))];
-if (!nvcc) args.push('--CDKVFLASH_CUDA=OFF');
+const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
 const env = { ...process.env };
 if (nvcc) env.CUDACXX = nvcc;
-const result = spawnSync(process.execPath, args, { cwd: root, env, encoding: 'utf8', maxBuffer: 1 << 28 });
+// Configure every time (an existing build keeps its old options otherwise), then build.
+const run = (args) => spawnSync(process.execPath, [cmakeJs, ...args], { cwd: root, env, encoding: 'utf8', maxBuffer: 1 << 28 });
+const configured = run(['configure', `--CDKVFLASH_CUDA=${nvcc ? 'ON' : 'OFF'}`]);
+const result = configured.status === 0 ? run(['build', '--parallel', String(Math.max(1, os.cpus().length))]) : configured;
 fs.mkdirSync(path.join(root, 'build'), { recursive: true });
-fs.writeFileSync(path.join(root, 'build', 'install.log'), `${result.stdout}\n${result.stderr}`);
+fs.writeFileSync(path.join(root, 'build', 'install.log'), `${configured.stdout}\n${configured.stderr}\n${result.stdout}\n${result.stderr}`);
 const seconds = ((Date.now() - started) / 1000).toFixed(0);
 if (result.status !== 0) {
   console.error(`${result.stdout}\n${result.stderr}`.split('\n').slice(-60).join('\n'));
@@ -58,7 +60,7 @@ if (result.status !== 0) {
   process.exit(1);
 }
 const cudaBuilt = fs.existsSync(path.join(root, 'build', 'cuda', 'kvflash_cuda.node'));
-const archs = (result.stdout.match(/kvflash: CUDA addon for ([^\n]*)/) || [])[1];
+const archs = (configured.stdout.match(/kvflash: CUDA addon for ([^\n]*)/) || [])[1];
 console.log(
   cudaBuilt && nvcc
     ? `kvflash: built the CPU backend and the CUDA backend (${archs}) with ${nvcc} in ${seconds} s`
