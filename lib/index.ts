@@ -11,3 +11,22 @@ export { emptyCache, flushL2Cache, gpuBusyWait, memory, setMemoryLimit, synchron
 export * as ops from './ops/index';
 export type { AppendPositions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
 export type { PageTable } from './ops/page-table';
+export { BlockAllocator, CacheStep, H2O, PagedKVCache, PrefixCache, SnapKV, StreamingLLM } from './cache/index';
+export type {
+  AddSequenceOptions,
+  AllocatorStats,
+  CacheStats,
+  Compression,
+  CompressResult,
+  EvictionPolicy,
+  H2OOptions,
+  ObservationScores,
+  PagedKVCacheOptions,
+  PageTableOptions,
+  PrefixCacheStats,
+  SequenceInfo,
+  SequenceView,
+  SnapKVOptions,
+  StepEntry,
+  StreamingLLMOptions,
+} from './cache/index';
