@@ -11,6 +11,7 @@ export { emptyCache, flushL2Cache, gpuBusyWait, memory, setMemoryLimit, synchron
 export * as ops from './ops/index';
 export type { AppendPositions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
 export type { PageTable } from './ops/page-table';
+export type { QuantFormat, QuantizedKVPages, QuantizedLayerOptions, QuantizePagesArgs, TailPages } from './ops/quant';
 export { BlockAllocator, CacheStep, H2O, PagedKVCache, PrefixCache, SnapKV, StreamingLLM } from './cache/index';
 export type {
   AddSequenceOptions,

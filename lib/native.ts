@@ -71,6 +71,14 @@ export interface NativeBinding {
   buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;
   questScores(q: TensorHandle, kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): TensorHandle;
   topkPages(scores: TensorHandle, table: PageTableNativeHandle, budgetPages: number): PageTableNativeHandle;
+  quantizePages(kSrc: TensorHandle, vSrc: TensorHandle, srcPages: Int32Array, dstPages: Int32Array, format: string, groupSize: number,
+    kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle, kMin: TensorHandle | undefined, vScale: TensorHandle,
+    vMin: TensorHandle | undefined): void;
+  dequantizePages(format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,
+    kMin: TensorHandle | undefined, vScale: TensorHandle, vMin: TensorHandle | undefined, pages: Int32Array, dtype: string): [TensorHandle, TensorHandle];
+  quantizedPagedDecode(q: TensorHandle, format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,
+    kMin: TensorHandle | undefined, vScale: TensorHandle, vMin: TensorHandle | undefined, kTail: TensorHandle, vTail: TensorHandle,
+    table: PageTableNativeHandle, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   buildInfo(): BuildInfo;
   memoryStats(device: string): MemoryStats;
   emptyCache(device: string): void;

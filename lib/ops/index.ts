@@ -2,3 +2,4 @@
 export { appendPagedKV, pagedDecodeAttention, pagedPrefillAttention, prefillAttention } from './attention';
 export { StagedPageTable } from './page-table';
 export { buildQuestMeta, createQuestMeta, questScores, topkPages } from './quest';
+export { createQuantizedPages, dequantizePages, disposeQuantizedPages, quantBits, quantizePages, quantizedPagedDecodeAttention } from './quant';

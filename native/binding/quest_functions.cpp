@@ -7,6 +7,7 @@
 #include "exports.h"
 #include "page_table.h"
 #include "quest_functions.h"
+#include "tensor_args.h"
 #include "tensor_handle.h"
 
 namespace kvflash::binding {
@@ -47,10 +48,7 @@ namespace {
 const Tensor& pool_arg(const Napi::Value& v) {
   const Tensor& k_pages = TensorHandle::unwrap(v, "kPages");
   KV_CHECK(k_pages.dim() == 4, Shape, "Expected rank 4 for kPages but received ", k_pages.describe());
-  const bool gpu = k_pages.device().is_cuda();
-  const bool ok = k_pages.dtype() == DType::BF16 || k_pages.dtype() == DType::F16 || (!gpu && k_pages.dtype() == DType::F32);
-  KV_CHECK(ok, Dtype, "Expected ", gpu ? "bf16 or f16" : "bf16, f16 or f32", " for kPages but received ",
-           k_pages.describe());
+  check_float_input(k_pages, "kPages");
   return k_pages;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_params.h"
+#include "quant_format.h"
 #include "quest_params.h"
 #include "tensor.h"
 
@@ -55,6 +56,11 @@ class Backend {
   virtual void quest_update_meta(const Device& device, const QuestMetaParams& p) = 0;
   virtual void quest_scores(const Device& device, const QuestScoreParams& p) = 0;
   virtual void topk_pages(const Device& device, const TopkPagesParams& p) = 0;
+
+  // Quantized KV cache (quant_format.h has the formats and layouts).
+  virtual void quantize_pages(const Device& device, const QuantizeParams& p) = 0;
+  virtual void dequantize_pages(const Device& device, const DequantizeParams& p) = 0;
+  virtual void quantized_paged_decode(const Device& device, const QuantDecodeParams& p) = 0;
 
   // A timing point after the work queued so far.
   virtual std::shared_ptr<TimedEvent> record_timed(const Device& device) = 0;

@@ -12,6 +12,7 @@
 #include "decode.h"
 #include "elementwise.h"
 #include "prefill.h"
+#include "quant.h"
 #include "quest.h"
 
 namespace kvflash {
@@ -137,15 +138,25 @@ class CudaBackend final : public Backend {
   }
 
   void paged_decode(const Device& device, const DecodeParams& p) override {
-    cudaStream_t stream = state(device).stream;
-    // Scratch for split-K partials comes from the caching allocator, so steady decoding reuses it.
-    const size_t bytes = paged_decode_workspace_bytes(p);
-    Tensor workspace = bytes ? empty({static_cast<int64_t>(bytes)}, DType::U8, device) : Tensor();
-    launch_paged_decode(p, bytes ? workspace.data() : nullptr, stream);
+    const Tensor workspace = scratch(device, paged_decode_workspace_bytes(p));
+    launch_paged_decode(p, workspace.defined() ? workspace.data() : nullptr, state(device).stream);
   }
 
   void append_paged_kv(const Device& device, const AppendParams& p) override {
     launch_append_paged_kv(p, state(device).stream);
+  }
+
+  void quantize_pages(const Device& device, const QuantizeParams& p) override {
+    launch_quantize_pages(p, state(device).stream);
+  }
+
+  void dequantize_pages(const Device& device, const DequantizeParams& p) override {
+    launch_dequantize_pages(p, state(device).stream);
+  }
+
+  void quantized_paged_decode(const Device& device, const QuantDecodeParams& p) override {
+    const Tensor workspace = scratch(device, quantized_decode_workspace_bytes(p));
+    launch_quantized_paged_decode(p, workspace.defined() ? workspace.data() : nullptr, state(device).stream);
   }
 
   void quest_update_meta(const Device& device, const QuestMetaParams& p) override {
@@ -177,6 +188,12 @@ class CudaBackend final : public Backend {
       fill(s.flush_buffer, 1);
     }
     cuda::launch_read_through(s.flush_buffer.data(), s.flush_buffer.nbytes(), s.stream);
+  }
+
+  // Scratch for split-K partials, from the caching allocator so steady decoding reuses it; freed
+  // when the op returns, which is safe because later work on the stream runs after the kernel.
+  Tensor scratch(const Device& device, size_t bytes) {
+    return bytes ? empty({static_cast<int64_t>(bytes)}, DType::U8, device) : Tensor();
   }
 
   DeviceState& state(const Device& device) {

@@ -1,0 +1,250 @@
+// Quantized KV-cache ops (native/core/quant_format.h has the formats and layouts): quantizePages,
+// dequantizePages, quantizedPagedDecode. Every shape, dtype, device and index is checked here, on
+// the host, before a kernel runs.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/backend.h"
+#include "../core/quant_format.h"
+#include "args.h"
+#include "exports.h"
+#include "page_table.h"
+#include "tensor_args.h"
+#include "tensor_handle.h"
+
+namespace kvflash::binding {
+namespace {
+
+void check_tensor(const Tensor& t, const char* name, DType dtype, const Shape& shape, const Device& device) {
+  KV_CHECK(t.device() == device, Device, "Expected ", name, " on ", device.name(), " but received ", t.describe());
+  KV_CHECK(t.dtype() == dtype, Dtype, "Expected ", name, " of dtype ", dtype_name(dtype), " but received ",
+           t.describe());
+  KV_CHECK(t.shape() == shape, Shape, "Expected ", name, " of shape ", shape_str(shape), " but received ",
+           shape_str(t.shape()));
+}
+
+QuantFormat get_format(const Napi::Value& v) {
+  const std::string name = get_string(v, "format");
+  for (QuantFormat f : {QuantFormat::FP8E4M3, QuantFormat::INT8, QuantFormat::INT4, QuantFormat::INT2}) {
+    if (name == quant_format_name(f)) return f;
+  }
+  fail(ErrorCode::Range, "Expected 'fp8e4m3', 'int8', 'int4' or 'int2' for format but received '", name, "'");
+}
+
+// A quantized layer from (format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin) at
+// info[first..first+7]; its tensors are kept alive in *keep for the call.
+QuantizedPages get_quantized(const Napi::CallbackInfo& info, int first, std::vector<Tensor>* keep) {
+  QuantizedPages q;
+  q.format = get_format(info[first]);
+  const bool fp8 = q.format == QuantFormat::FP8E4M3;
+  q.group_size = static_cast<int>(get_int(info[first + 1], "groupSize", 1, 1 << 20));
+  KV_CHECK(fp8 || q.group_size == 32 || q.group_size == 64 || q.group_size == 128, Range,
+           "Expected 32, 64 or 128 for groupSize but received ", q.group_size);
+  const Tensor& k_codes = get_tensor(info[first + 2], "kCodes", 4);
+  const Device device = k_codes.device();
+  KV_CHECK(k_codes.dtype() == DType::U8, Dtype, "Expected kCodes of dtype u8 but received ", k_codes.describe());
+  const int64_t row_bytes = k_codes.size(3);
+  const int bits = quant_bits(q.format);
+  q.num_pages = static_cast<int>(k_codes.size(0));
+  q.page_size = static_cast<int>(k_codes.size(1));
+  q.num_kv_heads = static_cast<int>(k_codes.size(2));
+  q.head_dim = static_cast<int>(row_bytes * 8 / bits);
+  KV_CHECK(k_codes.size(0) <= INT32_MAX && k_codes.size(2) > 0 && row_bytes > 0, Shape,
+           "Expected kCodes [numPages, P, Hkv, D*bits/8] with Hkv, D > 0 but received ", shape_str(k_codes.shape()));
+  KV_CHECK(q.page_size >= 1 && q.page_size <= 256 && (q.page_size & (q.page_size - 1)) == 0, Range,
+           "Expected a power of two from 1 to 256 for the page size (kCodes.shape[1]) but received ", q.page_size);
+  KV_CHECK(fp8 || q.head_dim % q.group_size == 0, Shape, "Expected the head dim ", q.head_dim,
+           " (kCodes.shape[3] * 8 / ", bits, ") to be a multiple of groupSize ", q.group_size);
+  const Tensor& v_codes = get_tensor(info[first + 3], "vCodes", 4);
+  check_tensor(v_codes, "vCodes", DType::U8, k_codes.shape(), device);
+  const Tensor& k_scale = TensorHandle::unwrap(info[first + 4], "kScale");
+  const Tensor& v_scale = TensorHandle::unwrap(info[first + 6], "vScale");
+  const int64_t N = q.num_pages, P = q.page_size, H = q.num_kv_heads, D = q.head_dim;
+  keep->insert(keep->end(), {k_codes, v_codes, k_scale, v_scale});
+  if (fp8) {
+    KV_CHECK(info[first + 5].IsUndefined() || info[first + 5].IsNull(), Shape,
+             "Expected no kMin for format fp8e4m3 but received ", describe_value(info[first + 5]));
+    KV_CHECK(info[first + 7].IsUndefined() || info[first + 7].IsNull(), Shape,
+             "Expected no vMin for format fp8e4m3 but received ", describe_value(info[first + 7]));
+    check_tensor(k_scale, "kScale", DType::F16, {N, H}, device);
+    check_tensor(v_scale, "vScale", DType::F16, {N, H}, device);
+  } else {
+    const Tensor& k_min = TensorHandle::unwrap(info[first + 5], "kMin");
+    const Tensor& v_min = TensorHandle::unwrap(info[first + 7], "vMin");
+    check_tensor(k_scale, "kScale", DType::F16, {N, H, D}, device);
+    check_tensor(k_min, "kMin", DType::F16, {N, H, D}, device);
+    check_tensor(v_scale, "vScale", DType::F16, {N, P, H, D / q.group_size}, device);
+    check_tensor(v_min, "vMin", DType::F16, {N, P, H, D / q.group_size}, device);
+    keep->insert(keep->end(), {k_min, v_min});
+    q.k_min = static_cast<uint16_t*>(k_min.data());
+    q.v_min = static_cast<uint16_t*>(v_min.data());
+  }
+  q.k_codes = k_codes.data();
+  q.v_codes = v_codes.data();
+  q.k_scale = static_cast<uint16_t*>(k_scale.data());
+  q.v_scale = static_cast<uint16_t*>(v_scale.data());
+  if (device.is_cuda()) {
+    KV_CHECK(q.head_dim == 64 || q.head_dim == 128 || q.head_dim == 256, Unsupported,
+             "Expected head dim 64, 128 or 256 on a GPU but received ", q.head_dim);
+  }
+  return q;
+}
+
+void check_page_list(const HostInts& pages, int64_t limit, const char* name, const char* pool) {
+  for (int64_t i = 0; i < pages.size; ++i) {
+    KV_CHECK(pages[i] >= 0 && pages[i] < limit, Range, "Expected ", name, "[", i, "] in [0, ", limit, ") (the pages of ",
+             pool, ") but received ", pages[i]);
+  }
+}
+
+// quantizePages(kSrc, vSrc, srcPages, dstPages, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin)
+Napi::Value quantize_pages(const Napi::CallbackInfo& info) {
+  const Tensor& k_src = get_tensor(info[0], "kSrc", 4);
+  const Tensor& v_src = get_tensor(info[1], "vSrc", 4);
+  check_float_input(k_src, "kSrc");
+  check_tensor(v_src, "vSrc", k_src.dtype(), k_src.shape(), k_src.device());
+  const HostInts src_pages = get_ints(info[2], "srcPages");
+  const HostInts dst_pages = get_ints(info[3], "dstPages");
+  std::vector<Tensor> keep;
+  QuantizeParams p;
+  p.dst = get_quantized(info, 4, &keep);
+  const Device device = k_src.device();
+  KV_CHECK(keep[0].device() == device, Device, "Expected kCodes on ", device.name(), " like kSrc but received ",
+           keep[0].describe());
+  const Shape page_shape = {p.dst.page_size, p.dst.num_kv_heads, p.dst.head_dim};
+  KV_CHECK(k_src.size(1) == page_shape[0] && k_src.size(2) == page_shape[1] && k_src.size(3) == page_shape[2], Shape,
+           "Expected kSrc of shape [numSrc, ", page_shape[0], ", ", page_shape[1], ", ", page_shape[2],
+           "] to match the quantized pages but received ", shape_str(k_src.shape()));
+  KV_CHECK(src_pages.size == dst_pages.size, Shape, "Expected as many dstPages as srcPages (", src_pages.size,
+           ") but received ", dst_pages.size);
+  check_page_list(src_pages, k_src.size(0), "srcPages", "kSrc");
+  check_page_list(dst_pages, p.dst.num_pages, "dstPages", "kCodes");
+  // A page written twice would race on a GPU: (page, position) pairs sorted, so a repeat sits next to its first.
+  std::vector<std::pair<int32_t, int64_t>> order(static_cast<size_t>(dst_pages.size));
+  for (int64_t i = 0; i < dst_pages.size; ++i) order[static_cast<size_t>(i)] = {dst_pages[i], i};
+  std::sort(order.begin(), order.end());
+  for (size_t i = 1; i < order.size(); ++i) {
+    KV_CHECK(order[i].first != order[i - 1].first, Range, "Expected distinct dstPages but dstPages[", order[i].second,
+             "] = ", order[i].first, " repeats dstPages[", order[i - 1].second, "]");
+  }
+  p.dtype = k_src.dtype();
+  p.count = static_cast<int>(src_pages.size);
+  p.k_src = k_src.data();
+  p.v_src = v_src.data();
+  const Tensor src_dev = on_device(src_pages, device), dst_dev = on_device(dst_pages, device);
+  p.src_pages = src_dev.data_as<int32_t>();
+  p.dst_pages = dst_dev.data_as<int32_t>();
+  p.src_pages_host = src_pages.data;
+  p.dst_pages_host = dst_pages.data;
+  if (p.count > 0) backend_for(device).quantize_pages(device, p);
+  return info.Env().Undefined();
+}
+
+// dequantizePages(format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin, pages, dtype) -> [k, v]
+Napi::Value dequantize_pages(const Napi::CallbackInfo& info) {
+  std::vector<Tensor> keep;
+  DequantizeParams p;
+  p.src = get_quantized(info, 0, &keep);
+  const Device device = keep[0].device();
+  const HostInts pages = get_ints(info[8], "pages");
+  check_page_list(pages, p.src.num_pages, "pages", "kCodes");
+  p.dtype = get_dtype(info[9], "dtype");
+  const bool ok = p.dtype == DType::BF16 || p.dtype == DType::F16 || p.dtype == DType::F32;
+  KV_CHECK(ok, Dtype, "Expected 'f32', 'bf16' or 'f16' for dtype but received '", dtype_name(p.dtype), "'");
+  const Shape shape = {pages.size, p.src.page_size, p.src.num_kv_heads, p.src.head_dim};
+  Tensor k_out = empty(shape, p.dtype, device), v_out = empty(shape, p.dtype, device);
+  const Tensor pages_dev = on_device(pages, device);
+  p.count = static_cast<int>(pages.size);
+  p.pages = pages_dev.data_as<int32_t>();
+  p.pages_host = pages.data;
+  p.k_out = k_out.data();
+  p.v_out = v_out.data();
+  if (p.count > 0) backend_for(device).dequantize_pages(device, p);
+  Napi::Array r = Napi::Array::New(info.Env(), 2);
+  r.Set(0u, TensorHandle::wrap(info.Env(), k_out));
+  r.Set(1u, TensorHandle::wrap(info.Env(), v_out));
+  return r;
+}
+
+// quantizedPagedDecode(q, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin, kTail, vTail, table,
+//                      scale, returnLse) -> [out, lse?]
+Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  const Device device = q.device();
+  std::vector<Tensor> keep;
+  QuantDecodeParams p;
+  p.quant = get_quantized(info, 1, &keep);
+  KV_CHECK(keep[0].device() == device, Device, "Expected kCodes on ", device.name(), " like q but received ",
+           keep[0].describe());
+  const Tensor& k_tail = get_tensor(info[9], "kTail", 4);
+  const Tensor& v_tail = get_tensor(info[10], "vTail", 4);
+  const int64_t P = p.quant.page_size, Hkv = p.quant.num_kv_heads, D = p.quant.head_dim;
+  check_tensor(k_tail, "kTail", q.dtype(), {k_tail.size(0), P, Hkv, D}, device);
+  check_tensor(v_tail, "vTail", q.dtype(), k_tail.shape(), device);
+  p.dtype = q.dtype();
+  p.shape.num_q_heads = static_cast<int>(q.size(1));
+  p.shape.num_kv_heads = static_cast<int>(Hkv);
+  p.shape.head_dim = static_cast<int>(q.size(2));
+  KV_CHECK(q.size(2) == D, Shape, "Expected head dim ", D, " (from the quantized pages) for q but received ",
+           shape_str(q.shape()));
+  KV_CHECK(q.size(1) > 0 && q.size(1) % Hkv == 0, Shape, "Expected the ", Hkv, " KV heads to divide the query heads of q but received ",
+           shape_str(q.shape()));
+  std::shared_ptr<const StagedPageTable> table = PageTableHandle::unwrap(info[11], "table");
+  KV_CHECK(table->device == device, Device, "Expected a page table staged on ", device.name(),
+           " but received one staged on ", table->device.name());
+  KV_CHECK(table->rows_per_sequence == 1, Unsupported,
+           "Expected a page table with one row per sequence for quantizedPagedDecode but received one with ",
+           table->rows_per_sequence, " rows per sequence");
+  KV_CHECK(table->indices.size() == static_cast<size_t>(table->indptr.back()), Unsupported,
+           "Expected a page table staged from host indices for quantizedPagedDecode (its tail pages are checked on "
+           "the host) but received one selected on the device");
+  KV_CHECK(q.size(0) == table->batch, Shape, "Expected ", table->batch,
+           " rows (one per sequence of the page table) for q but received ", q.size(0));
+  const int64_t num_tail = k_tail.size(0);
+  for (int b = 0; b < table->batch; ++b) {
+    const int32_t last = table->indptr[b + 1] - 1;
+    for (int32_t i = table->indptr[b]; i < last; ++i) {
+      KV_CHECK(table->indices[i] < p.quant.num_pages, Range, "Expected indices[", i, "] in [0, ", p.quant.num_pages,
+               ") (the quantized pages of kCodes) but received ", table->indices[i]);
+    }
+    KV_CHECK(table->indices[last] < num_tail, Range, "Expected indices[", last, "] (the last page of sequence ", b,
+             ") in [0, ", num_tail, ") (the full-precision pages of kTail) but received ", table->indices[last]);
+    KV_CHECK(table->last_page_len[b] <= P, Range, "Expected lastPageLen[", b, "] in [1, ", P, "] but received ",
+             table->last_page_len[b]);
+  }
+  p.scale = static_cast<float>(get_number(info[12], "scale"));
+  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
+           p.scale);
+  Tensor out = empty(q.shape(), q.dtype(), device);
+  Tensor lse = get_bool(info[13], "returnLse") ? empty({q.size(0), q.size(1)}, DType::F32, device) : Tensor();
+  p.batch = table->batch;
+  p.max_pages_per_seq = table->max_pages;
+  p.q = q.data();
+  p.out = out.data();
+  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
+  PagedKV& kv = p.kv;
+  kv = table->view();
+  kv.k_pages = k_tail.data();
+  kv.v_pages = v_tail.data();
+  kv.num_pages = static_cast<int>(num_tail);
+  kv.page_size = static_cast<int>(P);
+  if (p.batch > 0) backend_for(device).quantized_paged_decode(device, p);
+  Napi::Array r = Napi::Array::New(info.Env(), 2);
+  r.Set(0u, TensorHandle::wrap(info.Env(), out));
+  r.Set(1u, lse.defined() ? Napi::Value(TensorHandle::wrap(info.Env(), lse)) : info.Env().Undefined());
+  return r;
+}
+
+}  // namespace
+
+void export_quant_functions(Napi::Env env, Napi::Object exports) {
+  exports.Set("quantizePages", Napi::Function::New<guarded<quantize_pages>>(env, "quantizePages"));
+  exports.Set("dequantizePages", Napi::Function::New<guarded<dequantize_pages>>(env, "dequantizePages"));
+  exports.Set("quantizedPagedDecode", Napi::Function::New<guarded<quantized_paged_decode>>(env, "quantizedPagedDecode"));
+}
+
+}  // namespace kvflash::binding

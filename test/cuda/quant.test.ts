@@ -1,0 +1,94 @@
+// GPU suite for the quantized KV cache: quantize and dequantize kernels byte for byte against the CPU
+// reference, and the fused quantized decode against the CPU reference (which dequantizes each row
+// first) within bf16/f16 rounding, over formats, head dims, page sizes, GQA ratios and split counts.
+import { describe, expect, it } from 'vitest';
+
+import { ops, Tensor } from '../../lib/index';
+import type { QuantizedKVPages } from '../../lib/index';
+import { maxAbsDiff, normal, pagedCache, rng } from '../attention-fixtures';
+import { FORMATS, quantizedCache } from '../quant-fixtures';
+
+const device = 'cuda:0' as const;
+
+async function bytesOf(q: QuantizedKVPages): Promise<Uint8Array[]> {
+  const out: Uint8Array[] = [];
+  for (const t of [q.kCodes, q.vCodes, q.kScale, q.kMin, q.vScale, q.vMin]) if (t) out.push(await t.bytes());
+  return out;
+}
+
+describe('quantizePages / dequantizePages on CUDA', () => {
+  let seed = 500;
+  for (const format of FORMATS) {
+    for (const dim of [64, 128, 256]) {
+      const groupSize = format === 'fp8e4m3' ? 32 : dim === 64 ? 64 : dim === 128 ? 32 : 128;
+      it(`${format} D=${dim} G=${groupSize}: the same bytes as the CPU reference, also with NaN and infinities`, async () => {
+        const random = rng(seed++);
+        const [numPages, P, H] = [5, 16, 2];
+        const data = [normal(numPages * P * H * dim, random), normal(numPages * P * H * dim, random)];
+        data[0]![7] = NaN;
+        data[0]![1000] = Infinity;
+        data[1]![33] = -Infinity;
+        data[1]![2000] = 1e6;
+        const shape = [numPages, P, H, dim];
+        const srcPages = [4, 0, 2], dstPages = [1, 3, 0];
+        const results: Uint8Array[][] = [];
+        const recon: Float32Array[][] = [];
+        for (const dev of ['cpu', device] as const) {
+          using kSrc = Tensor.fromArray(data[0]!, shape, { dtype: 'bf16', device: dev });
+          using vSrc = Tensor.fromArray(data[1]!, shape, { dtype: 'bf16', device: dev });
+          const q = ops.createQuantizedPages(4, P, H, dim, { format, groupSize, device: dev });
+          for (const t of [q.kCodes, q.vCodes, q.kScale, q.kMin, q.vScale, q.vMin]) t?.fill(0);
+          ops.quantizePages({ kSrc, vSrc, srcPages, dstPages }, q);
+          results.push(await bytesOf(q));
+          const deq = ops.dequantizePages(q, [0, 1, 3], 'f32');
+          recon.push([(await deq.k.toArray()) as Float32Array, (await deq.v.toArray()) as Float32Array]);
+          deq.k.dispose();
+          deq.v.dispose();
+          ops.disposeQuantizedPages(q);
+        }
+        results[0]!.forEach((cpu, i) => expect(results[1]![i], `tensor ${i}`).toEqual(cpu));
+        expect(recon[1]![0]).toEqual(recon[0]![0]);
+        expect(recon[1]![1]).toEqual(recon[0]![1]);
+        for (const x of recon[1]![0]!) expect(Number.isFinite(x)).toBe(true);
+      });
+    }
+  }
+});
+
+describe('quantizedPagedDecodeAttention on CUDA', () => {
+  const layouts = [
+    { pageSize: 1, lens: [1, 5, 33] },
+    { pageSize: 16, lens: [1, 16, 17, 300, 3000] },
+    { pageSize: 64, lens: [64, 65, 700] },
+    { pageSize: 256, lens: [3, 256, 2000] },
+  ];
+  let seed = 700;
+  for (const format of FORMATS) {
+    for (const [li, { pageSize, lens }] of layouts.entries()) {
+      for (const dim of [64, 128, 256]) {
+        const ratio = [1, 4, 8, 16][(li + dim / 64) % 4]!;
+        const dtype = (li + dim) % 2 ? 'f16' : 'bf16';
+        const groupSize = format === 'fp8e4m3' ? 32 : [32, 64][li % 2]!;
+        it(`${format} P=${pageSize} D=${dim} H/Hkv=${ratio} ${dtype} G=${groupSize}: matches the CPU reference`, async () => {
+          const random = rng(seed++);
+          const kvHeads = 2, heads = kvHeads * ratio;
+          const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+          // The CPU reference sees the same dtype-rounded inputs, so its quantized pages are the GPU's byte for byte.
+          const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device }, cache);
+          const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device: 'cpu' }, cache);
+          const qData = normal(lens.length * heads * dim, random);
+          using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype, device });
+          using qc = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype });
+          const got = ops.quantizedPagedDecodeAttention(q, gpu.quant, gpu, gpu.table, { returnLse: true });
+          const want = ops.quantizedPagedDecodeAttention(qc, cpu.quant, cpu, cpu.table, { returnLse: true });
+          expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array), 'out').toBeLessThan(2e-2);
+          expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array), 'lse').toBeLessThan(1e-3);
+          for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
+          gpu.dispose();
+          cpu.dispose();
+        });
+      }
+    }
+  }
+});
+

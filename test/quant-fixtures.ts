@@ -1,0 +1,96 @@
+// Test data for the quantized KV cache: a paged cache whose pages are all quantized, with the last
+// page of each sequence also in a full-precision tail pool, and the tables that address it.
+import { ops, Tensor } from '../lib/index';
+import type { QuantFormat, QuantizedKVPages } from '../lib/index';
+import { pagedCache, PagedCache } from './attention-fixtures';
+
+export const FORMATS: QuantFormat[] = ['fp8e4m3', 'int8', 'int4', 'int2'];
+
+export interface QuantizedCache {
+  cache: PagedCache;
+  quant: QuantizedKVPages;
+  kTail: Tensor;
+  vTail: Tensor;
+  numTail: number;
+  /** Quantized pages, with the last index of each sequence naming its tail page. */
+  table: { indptr: Int32Array; indices: Int32Array; lastPageLen: Int32Array };
+  /** The same sequences in one pool of numPages + numTail pages: quantized page i is page i, tail page j is numPages + j. */
+  combinedTable: { indptr: Int32Array; indices: Int32Array; lastPageLen: Int32Array };
+  dispose(): void;
+}
+
+export interface QuantizedCacheOptions {
+  format: QuantFormat;
+  groupSize?: number;
+  dtype: 'f32' | 'bf16' | 'f16';
+  device: 'cpu' | 'cuda:0';
+}
+
+/** Every page of the pool quantized (from the pool rounded to dtype), tails copied to their own pool in reversed order. */
+export function quantizedCache(lens: number[], pageSize: number, kvHeads: number, dim: number, random: () => number, opts: QuantizedCacheOptions, cache = pagedCache(lens, pageSize, kvHeads, dim, random)): QuantizedCache {
+  const { dtype, device } = opts;
+  const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+  const kPool = Tensor.fromArray(cache.kPages, poolShape, { dtype, device });
+  const vPool = Tensor.fromArray(cache.vPages, poolShape, { dtype, device });
+  const quant = ops.createQuantizedPages(cache.numPages, pageSize, kvHeads, dim, { format: opts.format, groupSize: opts.groupSize, device });
+  const all = Int32Array.from({ length: cache.numPages }, (_, i) => i);
+  ops.quantizePages({ kSrc: kPool, vSrc: vPool, srcPages: all, dstPages: all }, quant);
+  const batch = lens.length;
+  const numTail = batch + 2;
+  const row = pageSize * kvHeads * dim;
+  const kTailData = new Float32Array(numTail * row), vTailData = new Float32Array(numTail * row);
+  const indices = Int32Array.from(cache.indices), combined = Int32Array.from(cache.indices);
+  for (let b = 0; b < batch; b++) {
+    const last = cache.indptr[b + 1]! - 1;
+    const page = cache.indices[last]!;
+    const tail = numTail - 1 - b;
+    kTailData.set(cache.kPages.subarray(page * row, (page + 1) * row), tail * row);
+    vTailData.set(cache.vPages.subarray(page * row, (page + 1) * row), tail * row);
+    indices[last] = tail;
+    combined[last] = cache.numPages + tail;
+  }
+  const tailShape = [numTail, pageSize, kvHeads, dim];
+  const kTail = Tensor.fromArray(kTailData, tailShape, { dtype, device });
+  const vTail = Tensor.fromArray(vTailData, tailShape, { dtype, device });
+  kPool.dispose();
+  vPool.dispose();
+  return {
+    cache,
+    quant,
+    kTail,
+    vTail,
+    numTail,
+    table: { indptr: cache.indptr, indices, lastPageLen: cache.lastPageLen },
+    combinedTable: { indptr: cache.indptr, indices: combined, lastPageLen: cache.lastPageLen },
+    dispose() {
+      ops.disposeQuantizedPages(quant);
+      kTail.dispose();
+      vTail.dispose();
+    },
+  };
+}
+
+/** The combined f32 CPU pool (dequantized pages, then the tail pages) that `combinedTable` addresses. */
+export async function dequantizedPool(qc: QuantizedCache): Promise<{ kPages: Tensor; vPages: Tensor }> {
+  const { numPages, pageSize } = qc.cache;
+  const all = Int32Array.from({ length: numPages }, (_, i) => i);
+  const deq = ops.dequantizePages(qc.quant, all, 'f32');
+  const [kq, vq] = [(await deq.k.toArray()) as Float32Array, (await deq.v.toArray()) as Float32Array];
+  const [kt, vt] = [(await qc.kTail.toArray()) as Float32Array, (await qc.vTail.toArray()) as Float32Array];
+  deq.k.dispose();
+  deq.v.dispose();
+  const join = (a: Float32Array, b: Float32Array) => {
+    const out = new Float32Array(a.length + b.length);
+    out.set(a);
+    out.set(b, a.length);
+    return out;
+  };
+  const shape = [numPages + qc.numTail, pageSize, qc.kTail.shape[2]!, qc.kTail.shape[3]!];
+  return { kPages: Tensor.fromArray(join(kq, kt), shape), vPages: Tensor.fromArray(join(vq, vt), shape) };
+}
+
+/** Channel d's code of a packed row (LSB first), the JS definition. */
+export function unpackCode(bytes: Uint8Array, rowStart: number, d: number, bits: number): number {
+  const bit = d * bits;
+  return (bytes[rowStart + (bit >> 3)]! >> (bit & 7)) & ((1 << bits) - 1);
+}
