@@ -9,7 +9,7 @@ export { Tensor } from './tensor';
 export type { ArrayData, DeviceName, TensorOptions } from './tensor';
 export { emptyCache, flushL2Cache, gpuBusyWait, memory, setMemoryLimit, synchronize, TimingEvent } from './runtime';
 export * as ops from './ops/index';
-export type { AppendPositions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
+export type { AppendPositions, AttentionMassOptions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
 export type { PageTable } from './ops/page-table';
 export type { QuantFormat, QuantizedKVPages, QuantizedLayerOptions, QuantizePagesArgs, TailPages } from './ops/quant';
 export { BlockAllocator, CacheStep, H2O, PagedKVCache, PrefixCache, SnapKV, StreamingLLM } from './cache/index';

@@ -66,6 +66,8 @@ export interface NativeBinding {
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   pagedDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, scale: number,
     returnLse: boolean, splits: number): [TensorHandle, TensorHandle | undefined];
+  attentionMass(q: TensorHandle, kPages: TensorHandle, table: PageTableNativeHandle, lse: TensorHandle, cuSeqlensQ: Int32Array,
+    causal: boolean, scale: number, perPage: boolean): [TensorHandle, number];
   appendPagedKV(k: TensorHandle, v: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle,
     batchIndices: Int32Array, positions: Int32Array, questMeta: TensorHandle | undefined): void;
   buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;

@@ -96,6 +96,35 @@ export function pagedDecodeAttention(q: Tensor, pages: KVPages, table: PageTable
   return wrapResult(q, result);
 }
 
+export interface AttentionMassOptions {
+  /** Row offsets of each sequence's queries in q: [B+1]. Default: one query per sequence (decode). */
+  cuSeqlensQ?: IntArray;
+  /** Default true: query i of Sq sees keys up to position Sk - Sq + i. */
+  causal?: boolean;
+  /** The scale the attention call used; default 1/sqrt(headDim). */
+  scale?: number;
+  /** 'page' (default): mass per page entry of the table, [nnz, kvHeads]; 'token': per cached token, [Σ lengths, kvHeads]. */
+  per?: 'page' | 'token';
+}
+
+/**
+ * The attention probability each cached page (or token) received from its sequence's queries,
+ * summed over the query heads of each KV head: what H2O accumulates over decode steps and SnapKV
+ * scores an observation window by. `lse` is the attention call's (returnLse: true) over the same
+ * cache, so each query's masses sum to 1 over the keys it sees.
+ */
+export function attentionMass(q: Tensor, kPages: Tensor, table: PageTable | StagedPageTable, lse: Tensor, opts: AttentionMassOptions = {}): Tensor {
+  const handles = [q.handle(), kPages.handle()] as const;
+  const lseHandle = lse.handle();
+  const cuQ = opts.cuSeqlensQ === undefined ? undefined : toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
+  const perPage = (opts.per ?? 'page') === 'page';
+  return withStagedTable(table, q.device, (staged) => {
+    const offsets = cuQ ?? Int32Array.from({ length: staged.batch + 1 }, (_, i) => i);
+    const [mass, rows] = callNative(() => native().attentionMass(...handles, staged, lseHandle, offsets, opts.causal ?? true, opts.scale ?? defaultScale(q), perPage));
+    return new Tensor(mass, 'f32', [rows, kPages.shape[2]!], q.device);
+  });
+}
+
 export interface AppendPositions {
   /** For each new token, the sequence (index into the page table) it belongs to. */
   batchIndices: IntArray;

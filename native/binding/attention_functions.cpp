@@ -191,6 +191,66 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   return results(info.Env(), out, lse);
 }
 
+// attentionMass(q, kPages, table, lse, cuSeqlensQ, causal, scale, perPage) -> [f32 [rows, Hkv], rows]
+// (rows: tokens of the table, or its page entries)
+Napi::Value attention_mass(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  const Tensor& k_pages = get_tensor(info[1], "kPages", 4);
+  check_same(k_pages, q, "kPages", "q");
+  auto table = PageTableHandle::unwrap(info[2], "table");
+  KV_CHECK(table->device == q.device(), Device, "Expected a page table staged on ", q.device().name(),
+           " but received one staged on ", table->device.name());
+  KV_CHECK(table->rows_per_sequence == 1 && !table->indices.empty(), Range,
+           "Expected a dense page table (one row per sequence) for attentionMass but received a per-KV-head selection");
+  const int64_t page_size = k_pages.size(1);
+  AttentionMassParams p;
+  p.dtype = q.dtype();
+  p.shape = check_heads(q, k_pages.size(2), k_pages.size(3), "kPages");
+  p.kv = table->bind(k_pages.data(), k_pages.data(), k_pages.size(0), page_size);
+  const Tensor& lse = get_tensor(info[3], "lse", 2);
+  const Shape lse_shape = {q.size(0), q.size(1)};
+  KV_CHECK(lse.dtype() == DType::F32 && lse.shape() == lse_shape && lse.device() == q.device(), Shape,
+           "Expected lse of f32 ", shape_str(lse_shape), " on ", q.device().name(), " (from the attention call) but received ",
+           lse.describe());
+  const HostInts cu_q = get_ints(info[4], "cuSeqlensQ");
+  KV_CHECK(cu_q.size == table->batch + 1, Shape, "Expected ", table->batch + 1,
+           " entries (B+1, from the page table) for cuSeqlensQ but received ", cu_q.size);
+  int max_q = 0;
+  p.batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &max_q);
+  p.causal = get_bool(info[5], "causal");
+  p.scale = static_cast<float>(get_number(info[6], "scale"));
+  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
+           p.scale);
+  p.per_page = get_bool(info[7], "perPage");
+  std::vector<int32_t> token_offsets(p.batch + 1, 0);
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t len = table->seq_len(b, static_cast<int>(page_size));
+    KV_CHECK(!p.causal || cu_q[b + 1] - cu_q[b] <= len, Range, "Expected no more queries than keys for causal sequence ",
+             b, " but received ", cu_q[b + 1] - cu_q[b], " queries and ", len, " keys");
+    KV_CHECK(int64_t(token_offsets[b]) + len < INT32_MAX, Range, "Expected fewer than 2^31 tokens in the table");
+    token_offsets[b + 1] = token_offsets[b] + len;
+  }
+  p.nnz = static_cast<int>(table->indices.size());
+  const Device device = q.device();
+  const int64_t rows = p.per_page ? p.nnz : token_offsets[p.batch];
+  Tensor out = empty({rows, k_pages.size(2)}, DType::F32, device);
+  const Tensor cu_q_dev = on_device(cu_q, device);
+  const Tensor offsets_dev = PageTableHandle::upload(token_offsets, device);
+  p.q = q.data();
+  p.lse = lse.data_as<float>();
+  p.cu_seqlens_q = cu_q_dev.data_as<int32_t>();
+  p.cu_seqlens_q_host = cu_q.data;
+  p.token_offsets = offsets_dev.data_as<int32_t>();
+  p.token_offsets_host = token_offsets.data();
+  p.out = out.data_as<float>();
+  backend_for(device).attention_mass(device, p);
+  Napi::Array result = Napi::Array::New(info.Env(), 2);
+  result.Set(0u, TensorHandle::wrap(info.Env(), out));
+  result.Set(1u, Napi::Number::New(info.Env(), static_cast<double>(rows)));
+  return result;
+}
+
 // appendPagedKV(k, v, kPages, vPages, table, batchIndices, positions, questMeta?): with questMeta,
 // the metadata of every page written to is recomputed after the write.
 Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
@@ -257,6 +317,7 @@ void export_attention_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("prefill", Napi::Function::New<guarded<prefill>>(env, "prefill"));
   exports.Set("pagedPrefill", Napi::Function::New<guarded<paged_prefill>>(env, "pagedPrefill"));
   exports.Set("pagedDecode", Napi::Function::New<guarded<paged_decode>>(env, "pagedDecode"));
+  exports.Set("attentionMass", Napi::Function::New<guarded<attention_mass>>(env, "attentionMass"));
   exports.Set("appendPagedKV", Napi::Function::New<guarded<append_paged_kv>>(env, "appendPagedKV"));
 }
 

@@ -98,6 +98,30 @@ struct DecodeParams {
   PagedKV kv;
 };
 
+// The attention probability mass each cached token (or page) receives from a sequence's queries:
+//   out[t][h] = sum over the queries i of t's sequence that see t, and the query heads g of KV head h,
+//               of exp(scale * q[i][g] . k[t][h] - lse[i][g])
+// with lse from the attention call over the same cache (so each query's masses sum to 1 over its
+// keys). Per page, the masses of the page's tokens are summed. The eviction policies read it: H2O
+// accumulates page mass over decode steps, SnapKV scores tokens by an observation window's queries.
+struct AttentionMassParams {
+  DType dtype = DType::BF16;
+  AttentionShape shape;
+  bool causal = true;  // queries aligned to the end of their sequence, as in PagedPrefillParams
+  float scale = 1.0f;
+  bool per_page = false;  // out [nnz, Hkv] per page entry of the table, else [total tokens, Hkv]
+  int batch = 0;
+  int nnz = 0;
+  const void* q = nullptr;     // [Nq, H, D], ragged by cu_seqlens_q
+  const float* lse = nullptr;  // [Nq, H]
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_q_host = nullptr;
+  const int32_t* token_offsets = nullptr;  // [B+1]: sequence b's tokens start at row token_offsets[b] of out
+  const int32_t* token_offsets_host = nullptr;
+  PagedKV kv;  // a dense table (one row per sequence)
+  float* out = nullptr;
+};
+
 // Writes token t (k, v [N, Hkv, D]) at position positions[t] of sequence batch_indices[t].
 struct AppendParams {
   DType dtype = DType::BF16;

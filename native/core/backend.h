@@ -51,6 +51,7 @@ class Backend {
   virtual void paged_prefill(const Device& device, const PagedPrefillParams& p) = 0;
   virtual void paged_decode(const Device& device, const DecodeParams& p) = 0;
   virtual void append_paged_kv(const Device& device, const AppendParams& p) = 0;
+  virtual void attention_mass(const Device& device, const AttentionMassParams& p) = 0;
 
   // Quest (quest_params.h).
   virtual void quest_update_meta(const Device& device, const QuestMetaParams& p) = 0;

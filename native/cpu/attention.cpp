@@ -1,5 +1,6 @@
 #include "attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -136,6 +137,37 @@ void paged_decode(const DecodeParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     auto rows = [&](int kv_head) { return paged_rows(p.dtype, p.shape, p.kv, b, kv_head); };
     attend_sequence(p.dtype, p.shape, mask, p.q, p.out, p.lse, b, 1, rows);
+  }
+}
+
+void attention_mass(const AttentionMassParams& p) {
+  const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
+  const int D = p.shape.head_dim;
+  const int64_t width = p.shape.num_kv_heads;
+  const int64_t rows = p.per_page ? p.nnz : p.token_offsets_host[p.batch];
+  std::fill(p.out, p.out + rows * width, 0.0f);
+  for (int b = 0; b < p.batch; ++b) {
+    const int q_begin = p.cu_seqlens_q_host[b];
+    const int num_queries = p.cu_seqlens_q_host[b + 1] - q_begin;
+    for (int h = 0; h < p.shape.num_kv_heads; ++h) {
+      const KeyValueRows kv = paged_rows(p.dtype, p.shape, p.kv, b, h);
+      AttentionMask mask;
+      mask.causal = p.causal;
+      for (int i = 0; i < num_queries; ++i) {
+        int first, last;
+        visible_keys(mask, i, num_queries, kv.count, &first, &last);
+        for (int g = h * group; g < (h + 1) * group; ++g) {
+          const int64_t row = int64_t(q_begin + i) * p.shape.num_q_heads + g;
+          const float lse = p.lse[row];
+          for (int j = first; j <= last; ++j) {
+            float dot = 0.0f;
+            for (int d = 0; d < D; ++d) dot += load_float(p.dtype, p.q, row * D + d) * load_float(p.dtype, kv.key(j), d);
+            const int64_t at = p.per_page ? p.kv.indptr_host[b] + j / p.kv.page_size : p.token_offsets_host[b] + j;
+            p.out[at * width + h] += std::exp(dot * p.scale - lse);
+          }
+        }
+      }
+    }
   }
 }
 

@@ -9,5 +9,6 @@ void prefill(const PrefillParams& p);
 void paged_prefill(const PagedPrefillParams& p);
 void paged_decode(const DecodeParams& p);
 void append_paged_kv(const AppendParams& p);
+void attention_mass(const AttentionMassParams& p);
 
 }  // namespace kvflash::cpu

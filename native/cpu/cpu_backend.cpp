@@ -62,6 +62,7 @@ class CpuBackend final : public Backend {
   void paged_prefill(const Device&, const PagedPrefillParams& p) override { cpu::paged_prefill(p); }
   void paged_decode(const Device&, const DecodeParams& p) override { cpu::paged_decode(p); }
   void append_paged_kv(const Device&, const AppendParams& p) override { cpu::append_paged_kv(p); }
+  void attention_mass(const Device&, const AttentionMassParams& p) override { cpu::attention_mass(p); }
   void quest_update_meta(const Device&, const QuestMetaParams& p) override { cpu::quest_update_meta(p); }
   void quest_scores(const Device&, const QuestScoreParams& p) override { cpu::quest_scores(p); }
   void topk_pages(const Device&, const TopkPagesParams& p) override { cpu::topk_pages(p); }

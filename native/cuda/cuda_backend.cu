@@ -8,6 +8,7 @@
 #include "../core/backend.h"
 #include "../core/element_access.h"
 #include "append.h"
+#include "attention_mass.h"
 #include "context.h"
 #include "decode.h"
 #include "elementwise.h"
@@ -144,6 +145,10 @@ class CudaBackend final : public Backend {
 
   void append_paged_kv(const Device& device, const AppendParams& p) override {
     launch_append_paged_kv(p, state(device).stream);
+  }
+
+  void attention_mass(const Device& device, const AttentionMassParams& p) override {
+    launch_attention_mass(p, state(device).stream);
   }
 
   void quantize_pages(const Device& device, const QuantizeParams& p) override {

@@ -195,6 +195,34 @@ describe('paged attention on CUDA', () => {
   }
 });
 
+describe('attentionMass on CUDA', () => {
+  for (const per of ['page', 'token'] as const) {
+    it(`matches the reference per ${per}, for decode and for an observation window`, async () => {
+      const random = rng(800);
+      const [heads, kvHeads, dim, pageSize] = [32, 8, 128, 16];
+      const lens = [1, 17, 300, 1000];
+      const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+      const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+      const [kPages, kc] = await pair(cache.kPages, poolShape, 'bf16');
+      const [vPages, vc] = await pair(cache.vPages, poolShape, 'bf16');
+      for (const qLens of [[1, 1, 1, 1], [1, 8, 32, 32]]) {
+        const cuSeqlensQ = offsets(qLens);
+        const nq = cuSeqlensQ.at(-1)!;
+        const [q, qc] = await pair(normal(nq * heads * dim, random), [nq, heads, dim], 'bf16');
+        const attn = ops.pagedPrefillAttention(qc, { kPages: kc, vPages: vc }, cache, { cuSeqlensQ, returnLse: true });
+        using lseGpu = attn.lse!.to(device);
+        using gpu = ops.attentionMass(q, kPages, cache, lseGpu, { cuSeqlensQ, per });
+        using cpu = ops.attentionMass(qc, kc, cache, attn.lse!, { cuSeqlensQ, per });
+        expect(gpu.shape).toEqual(cpu.shape);
+        const [g, c] = [(await gpu.toArray()) as Float32Array, (await cpu.toArray()) as Float32Array];
+        expect(maxAbsDiff(g, c)).toBeLessThan(1e-3 * Math.max(1, ...c));
+        disposeAll(q, qc, attn.out, attn.lse);
+      }
+      disposeAll(kPages, kc, vPages, vc);
+    });
+  }
+});
+
 describe('attention input checks on CUDA', () => {
   function code(fn: () => unknown): string {
     try {

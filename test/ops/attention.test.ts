@@ -135,6 +135,78 @@ describe('paged attention (CPU reference)', () => {
   });
 });
 
+describe('attentionMass (CPU reference)', () => {
+  it('gives each token the softmax weight its sequence\'s queries put on it, summed per KV head', async () => {
+    const random = rng(13);
+    const [heads, kvHeads, dim, pageSize] = [6, 2, 8, 4];
+    const lens = [3, 11];
+    const qLens = [2, 4]; // an observation window of queries at the end of each sequence
+    const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+    const cuSeqlensQ = offsets(qLens);
+    const qData = normal(cuSeqlensQ.at(-1)! * heads * dim, random);
+    using q = Tensor.fromArray(qData, [cuSeqlensQ.at(-1)!, heads, dim]);
+    using kPages = Tensor.fromArray(cache.kPages, [cache.numPages, pageSize, kvHeads, dim]);
+    using vPages = Tensor.fromArray(cache.vPages, [cache.numPages, pageSize, kvHeads, dim]);
+    const attn = ops.pagedPrefillAttention(q, { kPages, vPages }, cache, { cuSeqlensQ, returnLse: true });
+    using perToken = ops.attentionMass(q, kPages, cache, attn.lse!, { cuSeqlensQ, per: 'token' });
+    using perPage = ops.attentionMass(q, kPages, cache, attn.lse!, { cuSeqlensQ });
+    expect(perToken.shape).toEqual([14, kvHeads]);
+    expect(perPage.shape).toEqual([cache.indices.length, kvHeads]);
+    // The definition, in float64.
+    const group = heads / kvHeads, scale = 1 / Math.sqrt(dim);
+    const expected = new Float64Array(14 * kvHeads);
+    let tokenBase = 0;
+    lens.forEach((len, b) => {
+      for (let i = 0; i < qLens[b]!; i++) {
+        const pos = len - qLens[b]! + i;
+        for (let g = 0; g < heads; g++) {
+          const h = Math.floor(g / group);
+          const logits = Array.from({ length: pos + 1 }, (_, j) => {
+            let dot = 0;
+            for (let d = 0; d < dim; d++) dot += qData[((cuSeqlensQ[b]! + i) * heads + g) * dim + d]! * cache.k[((tokenBase + j) * kvHeads + h) * dim + d]!;
+            return dot * scale;
+          });
+          const max = Math.max(...logits);
+          const sum = logits.reduce((a, l) => a + Math.exp(l - max), 0);
+          logits.forEach((l, j) => (expected[(tokenBase + j) * kvHeads + h] += Math.exp(l - max) / sum));
+        }
+      }
+      tokenBase += len;
+    });
+    const tokens = (await perToken.toArray()) as Float32Array;
+    expect(maxAbsDiff(tokens, expected)).toBeLessThan(1e-5);
+    // Each query head's weights sum to one: per KV head, the total is queries x group.
+    for (let h = 0; h < kvHeads; h++) {
+      let total = 0;
+      for (let t = 0; t < 14; t++) total += tokens[t * kvHeads + h]!;
+      expect(total).toBeCloseTo((qLens[0]! + qLens[1]!) * group, 4);
+    }
+    // Per page: the page's tokens summed.
+    const pages = (await perPage.toArray()) as Float32Array;
+    const pageSums = new Float64Array(cache.indices.length * kvHeads);
+    tokenBase = 0;
+    lens.forEach((len, b) => {
+      for (let j = 0; j < len; j++) {
+        const entry = cache.indptr[b]! + Math.floor(j / pageSize);
+        for (let h = 0; h < kvHeads; h++) pageSums[entry * kvHeads + h] += tokens[(tokenBase + j) * kvHeads + h]!;
+      }
+      tokenBase += len;
+    });
+    expect(maxAbsDiff(pages, pageSums)).toBeLessThan(1e-5);
+    attn.out.dispose();
+    attn.lse!.dispose();
+  });
+
+  it('refuses lse that does not match q', () => {
+    const random = rng(14);
+    const cache = pagedCache([5], 4, 1, 8, random);
+    using q = Tensor.zeros([1, 2, 8]);
+    using kPages = Tensor.fromArray(cache.kPages, [cache.numPages, 4, 1, 8]);
+    using lse = Tensor.zeros([1, 3]);
+    expect(() => ops.attentionMass(q, kPages, cache, lse)).toThrow(expect.objectContaining({ code: 'E_SHAPE', message: 'Expected lse of f32 [1, 2] on cpu (from the attention call) but received f32 [1, 3] on cpu' }));
+  });
+});
+
 describe('attention input checks', () => {
   const random = rng(1);
   const cache = pagedCache([5, 3], 4, 2, 8, random);
