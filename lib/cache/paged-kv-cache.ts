@@ -15,6 +15,7 @@
 import { DType, isDType } from '../dtype';
 import { errorAtCaller, invalid } from '../errors';
 import { appendPagedKV, KVPages } from '../ops/attention';
+import { createQuestMeta } from '../ops/quest';
 import { PageTable, StagedPageTable } from '../ops/page-table';
 import { DeviceName, Tensor } from '../tensor';
 import { AllocatorStats, BlockAllocator, checkPositiveInteger } from './block-allocator';
@@ -34,8 +35,8 @@ export interface PagedKVCacheOptions {
   device?: DeviceName;
   /** Quantized pages: not yet available (E_UNSUPPORTED). */
   quant?: unknown;
-  /** Quest page metadata: not yet available (E_UNSUPPORTED). */
-  quest?: unknown;
+  /** Keep Quest page metadata (ops.createQuestMeta) current for every layer: questMeta(layer). Default false. */
+  quest?: boolean;
   /** Drops pages as sequences grow (StreamingLLM, H2O) or on compress() (SnapKV). */
   policy?: EvictionPolicy;
   /** Remember full prompt pages so that new sequences reuse them. Default false. */
@@ -134,6 +135,8 @@ export class PagedKVCache {
   readonly prefix: PrefixCache | undefined;
   readonly #allocator: BlockAllocator;
   #pools: KVPages[];
+  /** Per layer, when Quest is on: [numPages, 2, kvHeads, headDim] channel min/max of each page's keys. */
+  #questMeta: Tensor[] = [];
   readonly #sequences = new Map<number, Sequence>();
   #nextId = 0;
   #evictedPages = 0;
@@ -145,7 +148,7 @@ export class PagedKVCache {
   constructor(opts: PagedKVCacheOptions) {
     if (opts === null || typeof opts !== 'object') throw invalid('E_RANGE', 'options', 'an options object', opts);
     if (opts.quant !== undefined) throw errorAtCaller('E_UNSUPPORTED', 'Quantized pages (quant) are not available in PagedKVCache yet');
-    if (opts.quest !== undefined) throw errorAtCaller('E_UNSUPPORTED', 'Quest page metadata (quest) is not available in PagedKVCache yet');
+    if (opts.quest !== undefined && typeof opts.quest !== 'boolean') throw invalid('E_RANGE', 'quest', 'a boolean', opts.quest);
     this.layers = checkPositiveInteger(opts.layers, 'layers');
     this.numPages = checkPositiveInteger(opts.numPages, 'numPages');
     const pageSize = opts.pageSize;
@@ -167,7 +170,10 @@ export class PagedKVCache {
     const tensorOpts = { dtype: this.dtype, device: opts.device ?? 'cpu' } as const;
     this.#pools = [];
     try {
-      for (let l = 0; l < this.layers; l++) this.#pools.push({ kPages: Tensor.empty(shape, tensorOpts), vPages: Tensor.empty(shape, tensorOpts) });
+      for (let l = 0; l < this.layers; l++) {
+        this.#pools.push({ kPages: Tensor.empty(shape, tensorOpts), vPages: Tensor.empty(shape, tensorOpts) });
+        if (opts.quest) this.#questMeta.push(createQuestMeta(this.#pools[l]!.kPages));
+      }
     } catch (error) {
       this.disposePools();
       throw error;
@@ -221,7 +227,7 @@ export class PagedKVCache {
     this.reserve([growth]);
     const start = growth.writeFrom;
     const table = this.pageTable([seq]);
-    appendPagedKV(k, v, this.#pools[layer]!, table, { batchIndices: new Int32Array(n), positions: Int32Array.from({ length: n }, (_, i) => start + i) });
+    appendPagedKV(k, v, this.#pools[layer]!, table, { batchIndices: new Int32Array(n), positions: Int32Array.from({ length: n }, (_, i) => start + i), questMeta: this.#questMeta[layer] });
     state.written[layer] = start + n;
     this.publish(state);
   }
@@ -319,6 +325,20 @@ export class PagedKVCache {
     this.checkLive();
     this.checkLayer(layer);
     return this.#pools[layer]!;
+  }
+
+  /** One layer's Quest metadata, for ops.questScores (the cache must have been made with quest: true). */
+  questMeta(layer: number): Tensor {
+    this.checkLive();
+    this.checkLayer(layer);
+    const meta = this.#questMeta[layer];
+    if (!meta) throw errorAtCaller('E_UNSUPPORTED', 'Expected a PagedKVCache made with quest: true for questMeta');
+    return meta;
+  }
+
+  /** @internal The layer's metadata if Quest is on (what appends keep current). */
+  questMetaOrUndefined(layer: number): Tensor | undefined {
+    return this.#questMeta[layer];
   }
 
   /**
@@ -511,8 +531,10 @@ export class PagedKVCache {
   /** Copy-on-write: a fresh page holding `page`'s keys and values on every layer; `page` loses this owner. */
   private copyPage(page: number): number {
     const copy = this.#allocator.allocate();
-    for (const pool of this.#pools) {
-      for (const tensor of [pool.kPages, pool.vPages]) {
+    for (const [layer, pool] of this.#pools.entries()) {
+      // Quest metadata travels with the page: a layer this step does not write keeps valid bounds.
+      const meta = this.#questMeta[layer];
+      for (const tensor of meta ? [pool.kPages, pool.vPages, meta] : [pool.kPages, pool.vPages]) {
         using dst = tensor.slice(copy, copy + 1);
         using src = tensor.slice(page, page + 1);
         dst.copyFrom(src);
@@ -605,7 +627,9 @@ export class PagedKVCache {
       pool.kPages.dispose();
       pool.vPages.dispose();
     }
+    for (const meta of this.#questMeta) meta.dispose();
     this.#pools = [];
+    this.#questMeta = [];
   }
 }
 
@@ -660,7 +684,7 @@ export class CacheStep {
     const pages = this.#cache.pages(layer);
     if (this.#layersWritten[layer]) throw invalid('E_RANGE', 'layer', 'a layer this step has not written yet', layer);
     this.#cache.checkRows(k, v, this.slots.length);
-    appendPagedKV(k, v, pages, this.table, { batchIndices: this.batchIndices, positions: this.slots });
+    appendPagedKV(k, v, pages, this.table, { batchIndices: this.batchIndices, positions: this.slots, questMeta: this.#cache.questMetaOrUndefined(layer) });
     this.#layersWritten[layer] = 1;
     for (const s of this.#states) {
       s.written[layer] = s.length;

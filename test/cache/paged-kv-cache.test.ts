@@ -214,14 +214,16 @@ describe('PagedKVCache', () => {
     v.dispose();
   });
 
-  it('refuses bad options, and quant and quest as not available yet', () => {
+  it('refuses bad options, and quant as not available yet', () => {
     const base = { layers: 1, numPages: 4, pageSize: 4, kvHeads: 1, headDim: 4, dtype: 'f32' } as const;
     expect(() => new PagedKVCache({ ...base, pageSize: 3 })).toThrow('Expected power of two from 1 to 256 for pageSize but received 3 of type number');
     expect(() => new PagedKVCache({ ...base, layers: -1 })).toThrow('Expected positive integer for layers but received -1 of type number');
     expect(codeOf(() => new PagedKVCache({ ...base, dtype: 'f64' as 'f32' }))).toBe('E_DTYPE');
     expect(codeOf(() => new PagedKVCache({ ...base, device: 'tpu' as 'cpu' }))).toBe('E_DEVICE');
     expect(() => new PagedKVCache({ ...base, quant: { bits: 8 } })).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: expect.stringContaining('quant') }));
-    expect(() => new PagedKVCache({ ...base, quest: {} })).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: expect.stringContaining('quest') }));
+    expect(() => new PagedKVCache({ ...base, quest: {} as boolean })).toThrow('Expected a boolean for quest but received an instance of Object');
+    using plain = new PagedKVCache(base);
+    expect(() => plain.questMeta(0)).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED' }));
   });
 
   it('runs out of pages with E_OOM and the stats, writing nothing', async () => {
