@@ -7,7 +7,9 @@
 // (rows swizzled by XOR-ing the chunk index with row & 7, so that ldmatrix's 8-row reads hit 8
 // different bank groups); ldmatrix feeds mma.sync m16n8k16 with f32 accumulators. K and V are
 // double-buffered: the next tile's K and V stream in during the whole of this tile's work, so the
-// load latency of a tile has an iteration to hide behind.
+// load latency of a tile has an iteration to hide behind. One barrier per tile (K and V land
+// together): between barriers a warp runs QK^T, softmax and PV without waiting for the others, so
+// warps drift apart and one warp's softmax overlaps another's mma.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -39,6 +41,14 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 2^x as the bare MUFU.EX2: exp2f wraps it in a fix-up for denormal inputs (three more
+// instructions per logit); softmax terms below 2^-126 of the row max are flushed to 0 instead.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -183,6 +193,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
   const int64_t kv_head = static_cast<int64_t>(h / (num_heads / num_kv_heads)) * D;
   const bool causal = p.mask.causal;
   const int window = p.mask.window_left;
+  // The binding guarantees scale > 0 and finite: the max of the raw logits then scales to the max
+  // of the scaled ones, so the scale folds into the one FFMA before each exp2.
   const float scale_log2 = p.mask.scale * kLog2e;
 
   const int tid = threadIdx.x;
@@ -247,27 +259,27 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
       __syncthreads();
     }
     load_kv(sK + (t_end & 1) * kTileBytes, rows.k, t_end);
-    cp_async_commit();  // with Q
     load_kv(sV + (t_end & 1) * kTileBytes, rows.v, t_end);
-    cp_async_commit();
+    cp_async_commit();  // with Q
   }
 
   uint32_t qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? D / 16 : 1][4];
   const int warp_row = warp * 16 * MT;  // this warp's first row within the block's tile
 
   // Last tile first: the tiles that need masking (causal diagonal, partial end) come first, when
-  // the running max is still being established. Each iteration commits two cp.async groups (K and
-  // V of the next tile, empty after the last), so the counts in the waits are fixed: in flight at
-  // the top of iteration t are K(t), V(t).
+  // the running max is still being established. Each iteration commits one cp.async group (K and
+  // V of the next tile, empty after the last), so at the top of iteration t only K(t), V(t) are in
+  // flight; they had the whole previous iteration to land.
   for (int t = t_end; t >= t_begin; --t) {
     const int n0 = t * BN;
     const uint32_t k_tile = sK + (t & 1) * kTileBytes;
     const uint32_t v_tile = sV + (t & 1) * kTileBytes;
-    cp_async_wait<1>();
-    __syncthreads();  // K(t) has landed, and every warp is done with K(t+1), V(t+1)
-    if (t > t_begin) load_kv(sK + ((t - 1) & 1) * kTileBytes, rows.k, t - 1);
-    cp_async_commit();
-    if (t > t_begin) load_kv(sV + ((t - 1) & 1) * kTileBytes, rows.v, t - 1);
+    cp_async_wait<0>();
+    __syncthreads();  // K(t), V(t) have landed, and every warp is done with K(t+1), V(t+1)
+    if (t > t_begin) {
+      load_kv(sK + ((t - 1) & 1) * kTileBytes, rows.k, t - 1);
+      load_kv(sV + ((t - 1) & 1) * kTileBytes, rows.v, t - 1);
+    }
     cp_async_commit();
     int next_slot = 0;
     if (Rows::kSlotTable && t - 1 > t_begin && tid < BN) next_slot = rows.slot(n0 - 2 * BN + tid);  // < sk
@@ -282,130 +294,142 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
       }
     }
 
-    // S = Q K^T for this warp's rows and BN keys.
-    float s[MT][BN / 8][4];
+    // A warp none of whose rows sees a key of this tile (above the causal diagonal, left of the
+    // window, or past the last query) skips it: its P would be all zeros, leaving m, l and O as
+    // they are. Warp-uniform, and no barrier inside, so the other warps run on meanwhile.
+    const int w_lo = pos_lo + warp_row;  // positions of the warp's first and last real rows
+    const int w_hi = min(w_lo + 16 * MT - 1, pos_hi);
+    const bool live =
+        w_lo <= w_hi && (!causal || n0 <= w_hi) && (window < 0 || n0 + BN - 1 >= w_lo - window);
+    if (live) {
+      // S = Q K^T (unscaled) for this warp's rows and BN keys.
+      float s[MT][BN / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+        for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[MT][4];
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (Q_IN_REGS) {
+#pragma unroll
+            for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
+          } else {
+            ldmatrix_x4(a[mt], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+          }
+        }
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          uint32_t bk[4];
+          const int key = nn * 16 + (lane & 7) + ((lane >> 4) << 3);
+          ldmatrix_x4(bk, k_tile + swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            E::mma(s[mt][2 * nn], a[mt], bk[0], bk[1]);
+            E::mma(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+          }
+        }
+      }
+
+      // Masks are uniform per tile: decide once whether any key of this tile can be out of range.
+      // (Deciding per warp is finer but measured slower: it costs registers in the hot loop.)
+      const bool need_mask = (n0 + BN > sk) || (causal && n0 + BN - 1 > pos_lo) ||
+                             (window >= 0 && n0 < pos_hi - window);
+      if (need_mask) {
+        // Column c = n * 8 + 2 * tq + e of the tile is key n0 + c, visible from position pos iff
+        // lo <= c <= hi. Taking the thread's 2 * tq out of the bounds leaves a constant on the
+        // column side: two compares and a select per logit.
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int pos = pos_lo + warp_row + mt * 16 + g + 8 * half;
+            int hi = sk - 1 - n0;
+            if (causal) hi = min(hi, pos - n0);
+            hi -= 2 * tq;
+            const int lo = (window >= 0 ? pos - window - n0 : 0) - 2 * tq;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (n * 8 + e > hi || n * 8 + e < lo) s[mt][n][2 * half + e] = -INFINITY;
+          }
+      }
+
+      // Online softmax: the quad of 4 lanes (same g) together holds a row's BN logits. m is kept
+      // in scaled log2 units; p = 2^(s * scale_log2 - m) is one FFMA and one MUFU per logit.
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (Q_IN_REGS) {
+        float corr[2];
 #pragma unroll
-          for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
-        } else {
-          ldmatrix_x4(a[mt], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-        }
-      }
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
 #pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t bk[4];
-        const int key = nn * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldmatrix_x4(bk, k_tile + swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+          for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = fmaxf(m[mt][r], mx * scale_log2);
+          // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+          const float base = mx == -INFINITY ? 0.f : mx;
+          corr[r] = exp2_ftz(m[mt][r] - base);
+          m[mt][r] = mx;
+          float sum = 0.f;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          E::mma(s[mt][2 * nn], a[mt], bk[0], bk[1]);
-          E::mma(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
-        }
-      }
-    }
-
-    // Masks are uniform per tile: decide once whether any key of this tile can be out of range.
-    const bool need_mask = (n0 + BN > sk) || (causal && n0 + BN - 1 > pos_lo) ||
-                           (window >= 0 && n0 < pos_hi - window);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int row_pos = pos_lo + warp_row + mt * 16 + g;  // position of row g; row g + 8 is 8 further
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          float x = s[mt][n][r] * scale_log2;
-          if (need_mask) {
-            const int j = n0 + n * 8 + 2 * tq + (r & 1);
-            const int pos = row_pos + (r >> 1) * 8;
-            const bool ok = j < sk && (!causal || j <= pos) && (window < 0 || pos - j <= window);
-            x = ok ? x : -INFINITY;
+          for (int n = 0; n < BN / 8; ++n) {
+            s[mt][n][2 * r] = exp2_ftz(fmaf(s[mt][n][2 * r], scale_log2, -base));
+            s[mt][n][2 * r + 1] = exp2_ftz(fmaf(s[mt][n][2 * r + 1], scale_log2, -base));
+            sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
           }
-          s[mt][n][r] = x;
+          l[mt][r] = l[mt][r] * corr[r] + sum;
+        }
+        // Once the running max settles, most tiles leave it unchanged for every row of the warp:
+        // skip the D / 2 multiplies then (the vote keeps the branch warp-uniform).
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+          for (int n = 0; n < D / 8; ++n) {
+            o[mt][n][0] *= corr[0];
+            o[mt][n][1] *= corr[0];
+            o[mt][n][2] *= corr[1];
+            o[mt][n][3] *= corr[1];
+          }
         }
       }
-    }
 
-    // Online softmax: the quad of 4 lanes (same g) together holds a row's BN logits.
+      // P in the element type, as A fragments: the S accumulators of key columns 16kk..16kk+15 are
+      // exactly the A fragment of k-step kk, so P never goes through shared memory.
+      uint32_t pf[MT][BN / 16][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      float corr[2];
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[mt][r];
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-        const float base = mx == -INFINITY ? 0.f : mx;
-        corr[r] = exp2f(m[mt][r] - base);
-        m[mt][r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n) {
-          s[mt][n][2 * r] = exp2f(s[mt][n][2 * r] - base);
-          s[mt][n][2 * r + 1] = exp2f(s[mt][n][2 * r + 1] - base);
-          sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          pf[mt][kk][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pf[mt][kk][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pf[mt][kk][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pf[mt][kk][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
-        l[mt][r] = l[mt][r] * corr[r] + sum;
-      }
-      // Once the running max settles, most tiles leave it unchanged for every row of the warp:
-      // skip the D / 2 multiplies then (the vote keeps the branch warp-uniform).
-      if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[mt][n][0] *= corr[0];
-          o[mt][n][1] *= corr[0];
-          o[mt][n][2] *= corr[1];
-          o[mt][n][3] *= corr[1];
-        }
-      }
-    }
 
-    // P in the element type, as A fragments: the S accumulators of key columns 16kk..16kk+15 are
-    // exactly the A fragment of k-step kk. Packing before the barrier halves what stays live.
-    uint32_t pf[MT][BN / 16][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      // O += P V.
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        pf[mt][kk][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pf[mt][kk][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pf[mt][kk][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pf[mt][kk][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-
-    // Tile t - 2 reuses tile t's half of the table, last read to issue K(t), V(t) before this
-    // iteration's first barrier.
-    if (Rows::kSlotTable && t - 1 > t_begin && tid < BN) slot_tab[(t & 1) * BN + tid] = next_slot;
-    cp_async_wait<2>();
-    __syncthreads();  // V(t) has landed; the slots of tile t - 2 are in
-
-    // O += P V.
+        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        for (int nn = 0; nn < D / 16; ++nn) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, v_tile + swz<D>(key, nn * 2 + (lane >> 4)));
 #pragma unroll
-      for (int nn = 0; nn < D / 16; ++nn) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_tile + swz<D>(key, nn * 2 + (lane >> 4)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          E::mma(o[mt][2 * nn], pf[mt][kk], bv[0], bv[1]);
-          E::mma(o[mt][2 * nn + 1], pf[mt][kk], bv[2], bv[3]);
+          for (int mt = 0; mt < MT; ++mt) {
+            E::mma(o[mt][2 * nn], pf[mt][kk], bv[0], bv[1]);
+            E::mma(o[mt][2 * nn + 1], pf[mt][kk], bv[2], bv[3]);
+          }
         }
       }
     }
+
+    // Tile t - 2 reuses tile t's half of the table, last read to issue K(t), V(t) before this
+    // iteration's barrier; the next iteration's barrier publishes it before K(t-2) is issued.
+    if (Rows::kSlotTable && t - 1 > t_begin && tid < BN) slot_tab[(t & 1) * BN + tid] = next_slot;
   }
 
   // Epilogue: finish the denominators, normalise, and write through this warp's own Q rows in
