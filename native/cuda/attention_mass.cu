@@ -3,24 +3,14 @@
 // each warp takes a token, keeps its key row in registers, and sums exp(scale q.k - lse) over the
 // queries that see it; per page, the warps' sums meet in shared memory in a fixed order
 // (deterministic, no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "attention_mass.h"
+#include "scalar.cuh"
 
 namespace kvflash::cuda {
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxChunks = 8;  // D / 32 for D up to 256
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // T: the q / page dtype.
 template <typename T>
@@ -85,11 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mass_kernel(const Atten
 void launch_attention_mass(const AttentionMassParams& p, cudaStream_t stream) {
   if (p.nnz == 0) return;
   const dim3 grid(static_cast<unsigned>(p.nnz), static_cast<unsigned>(p.shape.num_kv_heads));
-  if (p.dtype == DType::BF16) {
-    attention_mass_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(p);
-  } else {
-    attention_mass_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(p);
-  }
+  dispatch_dtype(p.dtype, [&](auto t) { attention_mass_kernel<decltype(t)><<<grid, kWarps * 32, 0, stream>>>(p); });
   check_launch("attention_mass_kernel");
 }
 

@@ -1,22 +1,11 @@
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "quest.h"
+#include "scalar.cuh"
 
 namespace kvflash::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 
 // One block per page to update; threads stride over the (head, channel) pairs of a token. The min
 // and max of stored values are stored values, so converting back is exact.
@@ -69,8 +58,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) quest_scores_kernel(const Qu
       const float qc = to_float(q[c]);
       bound += fmaxf(qc * to_float(mins[c]), qc * to_float(maxs[c]));
     }
-    for (int offset = 16; offset > 0; offset /= 2) bound += __shfl_xor_sync(0xffffffffu, bound, offset);
-    best = fmaxf(best, bound);
+    best = fmaxf(best, warp_sum(bound));
   }
   if (lane == 0) p.scores[item] = best;
 }
@@ -159,15 +147,6 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
     written += taken;
   }
   if (threadIdx.x == 0) out[k] = p.kv.indices[begin + n - 1];
-}
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  if (dtype == DType::BF16) {
-    f(__nv_bfloat16{});
-  } else {
-    f(__half{});
-  }
 }
 
 }  // namespace
