@@ -25,6 +25,7 @@ export type {
   PagedKVCacheOptions,
   PageTableOptions,
   PrefixCacheStats,
+  QuantizedCacheOptions,
   SequenceInfo,
   SequenceView,
   SnapKVOptions,

@@ -2,7 +2,7 @@
 export { BlockAllocator } from './block-allocator';
 export type { AllocatorStats } from './block-allocator';
 export { CacheStep, PagedKVCache } from './paged-kv-cache';
-export type { AddSequenceOptions, CacheStats, CompressResult, PagedKVCacheOptions, PageTableOptions, SequenceInfo, StepEntry } from './paged-kv-cache';
+export type { AddSequenceOptions, CacheStats, CompressResult, PagedKVCacheOptions, PageTableOptions, QuantizedCacheOptions, SequenceInfo, StepEntry } from './paged-kv-cache';
 export { PrefixCache } from './prefix-cache';
 export type { PrefixCacheStats } from './prefix-cache';
 export { H2O } from './policies/h2o';

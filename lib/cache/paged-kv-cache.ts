@@ -11,12 +11,24 @@
  * Token coordinates: a sequence's `length` counts the tokens its pages hold now (what the page table
  * and the kernels see); `nextPosition` is the absolute position of its next token, which runs ahead
  * of `length` once pages were evicted. pageStarts gives every page's absolute first position.
+ *
+ * Quantized pages (`quant: { format, groupSize? }`): each layer has a pool of quantized pages
+ * (ops.createQuantizedPages, numPages of them, ids from the BlockAllocator as before) and a
+ * full-precision tail pool of `maxSequences` pages (ids from a second allocator). The last page of a
+ * sequence lives in its tail page; when the tail is full and the next token comes, the layer
+ * quantizes it (ops.quantizePages) into the quantized page id its slot got when the sequence grew,
+ * and writes on from slot 0 of the same tail. The page table (pageTable, stagePageTable,
+ * CacheStep.table) is the one ops.quantizedPagedDecodeAttention takes: quantized ids, then the tail
+ * id. Quantized pages are never written again, so forks and the prefix cache share them without
+ * copies (a fork copies the tail); the policies drop only pages quantized on every layer. Each layer
+ * keeps its own count of quantized pages, so layers may still run ahead of each other.
  */
 import { DType, isDType } from '../dtype';
-import { errorAtCaller, invalid } from '../errors';
+import { errorAtCaller, invalid, KvflashError } from '../errors';
 import { appendPagedKV, KVPages } from '../ops/attention';
 import { createQuestMeta } from '../ops/quest';
 import { PageTable, StagedPageTable } from '../ops/page-table';
+import { createQuantizedPages, disposeQuantizedPages, QuantFormat, quantBits, QuantizedKVPages, quantizePages, TailPages } from '../ops/quant';
 import { DeviceName, Tensor } from '../tensor';
 import { AllocatorStats, BlockAllocator, checkPositiveInteger } from './block-allocator';
 import { EvictionPolicy, ObservationScores, SequenceView } from './policies/policy';
@@ -33,14 +45,22 @@ export interface PagedKVCacheOptions {
   dtype: DType;
   /** Default 'cpu'. */
   device?: DeviceName;
-  /** Quantized pages: not yet available (E_UNSUPPORTED). */
-  quant?: unknown;
+  /** Quantized pages with a full-precision tail page per sequence (dtype f32, f16 or bf16). Default: none. */
+  quant?: QuantizedCacheOptions;
+  /** With quant: tail pages per layer, so the most sequences holding tokens at once (E_OOM beyond). Default 64; ignored without quant. */
+  maxSequences?: number;
   /** Keep Quest page metadata (ops.createQuestMeta) current for every layer: questMeta(layer). Default false. */
   quest?: boolean;
   /** Drops pages as sequences grow (StreamingLLM, H2O) or on compress() (SnapKV). */
   policy?: EvictionPolicy;
   /** Remember full prompt pages so that new sequences reuse them. Default false. */
   prefixCache?: boolean;
+}
+
+export interface QuantizedCacheOptions {
+  format: QuantFormat;
+  /** Channels per value group of the integer formats: 32 (default), 64 or 128. */
+  groupSize?: number;
 }
 
 export interface AddSequenceOptions {
@@ -59,6 +79,11 @@ export interface SequenceInfo {
   pageStarts: Int32Array;
   /** Tokens written per layer. */
   written: Int32Array;
+  /**
+   * Quantized caches only: the sequence's tail page id (the last entry of `pages`), or -1 when every
+   * page is quantized (after prefix reuse or truncation to a page boundary; the next token starts one).
+   */
+  tail?: number;
 }
 
 export interface CacheStats extends AllocatorStats {
@@ -68,6 +93,8 @@ export interface CacheStats extends AllocatorStats {
   /** Pages dropped from sequences by the policy. */
   evictedPages: number;
   prefix?: PrefixCacheStats;
+  /** Quantized caches only: the tail pages (capacity = maxSequences). */
+  tails?: AllocatorStats;
 }
 
 export interface StepEntry {
@@ -103,6 +130,10 @@ interface Sequence {
   prompt: Int32Array | undefined;
   /** Leading pages already handed to the prefix cache. */
   published: number;
+  /** Quantized caches: the tail id (pages[count - 1]), or -1 when every page is quantized. */
+  tail: number;
+  /** Quantized caches: per layer, the leading slots whose quantized page holds that layer's data; the layer's tail holds the next. */
+  quantized: Int32Array;
 }
 
 interface TableBuffers {
@@ -118,9 +149,27 @@ interface Growth {
   /** Where writes start and the length they reach, before the victims are dropped. */
   writeFrom: number;
   newLength: number;
+  /** The layer that writes (single-sequence append), or undefined for every layer (a step). */
+  layer?: number;
+  /** Where that write ends. */
+  writeEnd: number;
+}
+
+/** One sequence's rows of a layer write: k, v rows [row, row + n) go to slots [from, from + n). */
+interface WriteItem {
+  seq: Sequence;
+  row: number;
+  n: number;
+  from: number;
+}
+
+interface QuantLayer {
+  quant: QuantizedKVPages;
+  tail: TailPages;
 }
 
 const MAX_PAGE_SIZE = 256;
+const DEFAULT_MAX_SEQUENCES = 64;
 
 export class PagedKVCache {
   readonly layers: number;
@@ -133,8 +182,14 @@ export class PagedKVCache {
   readonly device: string;
   readonly policy: EvictionPolicy | undefined;
   readonly prefix: PrefixCache | undefined;
+  /** The quantization options, for a quantized cache. */
+  readonly quant: Readonly<Required<QuantizedCacheOptions>> | undefined;
+  /** Tail pages per layer of a quantized cache (0 otherwise). */
+  readonly maxSequences: number;
   readonly #allocator: BlockAllocator;
+  readonly #tails: BlockAllocator | undefined;
   #pools: KVPages[];
+  #quantLayers: QuantLayer[] = [];
   /** Per layer, when Quest is on: [numPages, 2, kvHeads, headDim] channel min/max of each page's keys. */
   #questMeta: Tensor[] = [];
   readonly #sequences = new Map<number, Sequence>();
@@ -147,7 +202,6 @@ export class PagedKVCache {
 
   constructor(opts: PagedKVCacheOptions) {
     if (opts === null || typeof opts !== 'object') throw invalid('E_RANGE', 'options', 'an options object', opts);
-    if (opts.quant !== undefined) throw errorAtCaller('E_UNSUPPORTED', 'Quantized pages (quant) are not available in PagedKVCache yet');
     if (opts.quest !== undefined && typeof opts.quest !== 'boolean') throw invalid('E_RANGE', 'quest', 'a boolean', opts.quest);
     this.layers = checkPositiveInteger(opts.layers, 'layers');
     this.numPages = checkPositiveInteger(opts.numPages, 'numPages');
@@ -164,13 +218,26 @@ export class PagedKVCache {
       throw invalid('E_RANGE', 'policy', 'an EvictionPolicy (StreamingLLM, H2O, SnapKV)', opts.policy);
     }
     this.policy = opts.policy;
+    this.quant = opts.quant === undefined ? undefined : checkQuant(opts.quant, this.dtype, this.headDim);
+    if (this.quant && opts.quest) throw errorAtCaller('E_UNSUPPORTED', 'Expected quest or quant but received both: Quest metadata is kept over full-precision pages only');
+    const maxSequences = opts.maxSequences === undefined ? DEFAULT_MAX_SEQUENCES : checkPositiveInteger(opts.maxSequences, 'maxSequences');
+    this.maxSequences = this.quant ? maxSequences : 0;
     this.#allocator = new BlockAllocator(this.numPages);
+    this.#tails = this.quant ? new BlockAllocator(this.maxSequences) : undefined;
     this.prefix = opts.prefixCache ? new PrefixCache(this.#allocator, pageSize) : undefined;
     const shape = [this.numPages, pageSize, this.kvHeads, this.headDim];
     const tensorOpts = { dtype: this.dtype, device: opts.device ?? 'cpu' } as const;
     this.#pools = [];
     try {
       for (let l = 0; l < this.layers; l++) {
+        if (this.quant) {
+          const tailShape = [this.maxSequences, pageSize, this.kvHeads, this.headDim];
+          const layer: QuantLayer = { quant: undefined!, tail: { kTail: Tensor.empty(tailShape, tensorOpts), vTail: undefined! } };
+          this.#quantLayers.push(layer);
+          layer.tail.vTail = Tensor.empty(tailShape, tensorOpts);
+          layer.quant = createQuantizedPages(this.numPages, pageSize, this.kvHeads, this.headDim, { ...this.quant, device: tensorOpts.device });
+          continue;
+        }
         this.#pools.push({ kPages: Tensor.empty(shape, tensorOpts), vPages: Tensor.empty(shape, tensorOpts) });
         if (opts.quest) this.#questMeta.push(createQuestMeta(this.#pools[l]!.kPages));
       }
@@ -178,7 +245,7 @@ export class PagedKVCache {
       this.disposePools();
       throw error;
     }
-    this.device = this.#pools[0]!.kPages.device;
+    this.device = this.quant ? this.#quantLayers[0]!.tail.kTail.device : this.#pools[0]!.kPages.device;
   }
 
   /** A new empty sequence (or one starting with the longest cached prefix of its prompt); returns its id. */
@@ -196,6 +263,8 @@ export class PagedKVCache {
       written: new Int32Array(this.layers),
       prompt,
       published: 0,
+      tail: -1,
+      quantized: new Int32Array(this.layers),
     };
     if (prompt && this.prefix) {
       // The last prompt token is always recomputed: its logits are what the caller is after.
@@ -208,6 +277,8 @@ export class PagedKVCache {
       seq.count = seq.published = reused.length;
       seq.length = seq.end = reused.length * this.pageSize;
       seq.written.fill(seq.length);
+      // Cached pages are quantized pages in a quantized cache: the sequence starts with no tail.
+      seq.quantized.fill(reused.length);
     }
     const id = this.#nextId++;
     this.#sequences.set(id, seq);
@@ -223,9 +294,14 @@ export class PagedKVCache {
     this.checkLayer(layer);
     const n = this.checkRows(k, v);
     const writeFrom = state.written[layer]!;
-    const growth: Growth = { seq: state, victims: new Int32Array(0), writeFrom, newLength: Math.max(state.length, writeFrom + n) };
+    const growth: Growth = { seq: state, victims: new Int32Array(0), writeFrom, newLength: Math.max(state.length, writeFrom + n), layer, writeEnd: writeFrom + n };
     this.reserve([growth]);
     const start = growth.writeFrom;
+    if (this.quant) {
+      this.writeQuantized(layer, k, v, [{ seq: state, row: 0, n, from: start }]);
+      this.publish(state);
+      return;
+    }
     const table = this.pageTable([seq]);
     appendPagedKV(k, v, this.#pools[layer]!, table, { batchIndices: new Int32Array(n), positions: Int32Array.from({ length: n }, (_, i) => start + i), questMeta: this.#questMeta[layer] });
     state.written[layer] = start + n;
@@ -250,7 +326,7 @@ export class PagedKVCache {
       if (state.written.some((w) => w !== state.length)) {
         throw errorAtCaller('E_RANGE', `Expected every layer of sequence ${entry.seq} to hold its ${state.length} tokens for entries[${i}] but some layer is behind`);
       }
-      return { seq: state, victims: new Int32Array(0), writeFrom: state.length, newLength: state.length + tokens };
+      return { seq: state, victims: new Int32Array(0), writeFrom: state.length, newLength: state.length + tokens, writeEnd: state.length + tokens };
     });
     this.reserve(growths);
     const seqIds = entries.map((e) => e.seq);
@@ -260,6 +336,7 @@ export class PagedKVCache {
   /** A new sequence sharing every page of `seq` until one of them is written; returns its id. */
   fork(seq: number): number {
     const source = this.sequenceOf(seq);
+    if (source.tail >= 0 && this.#tails!.freeCount === 0) throw this.outOfTails(1);
     const child: Sequence = {
       pages: source.pages.slice(),
       view: undefined,
@@ -271,8 +348,17 @@ export class PagedKVCache {
       written: source.written.slice(),
       prompt: source.prompt?.subarray(0, Math.min(source.prompt.length, source.length)),
       published: source.published,
+      tail: -1,
+      quantized: source.quantized.slice(),
     };
-    for (let i = 0; i < child.count; i++) this.#allocator.retain(child.pages[i]!);
+    for (let i = 0; i < quantizedSlots(source); i++) this.#allocator.retain(child.pages[i]!);
+    if (source.tail >= 0) {
+      // Quantized pages are shared as they are; the tail is the sequence's own, so it is copied on every layer.
+      child.tail = child.pages[child.count - 1] = this.#tails!.allocate();
+      for (const { tail } of this.#quantLayers) {
+        for (const pool of [tail.kTail, tail.vTail]) copyRows(pool, source.tail, child.tail);
+      }
+    }
     const id = this.#nextId++;
     this.#sequences.set(id, child);
     this.#version++;
@@ -286,6 +372,10 @@ export class PagedKVCache {
       throw invalid('E_RANGE', 'length', `integer in [0, ${state.length}]`, length);
     }
     const keep = Math.ceil(length / this.pageSize);
+    if (this.quant) {
+      this.truncateQuantized(state, seq, length);
+      return;
+    }
     for (let i = keep; i < state.count; i++) this.#allocator.release(state.pages[i]!);
     state.mass.fill(0, keep, state.count);
     state.count = keep;
@@ -300,7 +390,8 @@ export class PagedKVCache {
   /** Releases every page of `seq`; the id is never used again. */
   free(seq: number): void {
     const state = this.sequenceOf(seq);
-    for (let i = 0; i < state.count; i++) this.#allocator.release(state.pages[i]!);
+    for (let i = 0; i < quantizedSlots(state); i++) this.#allocator.release(state.pages[i]!);
+    if (state.tail >= 0) this.#tails!.release(state.tail);
     this.#sequences.delete(seq);
     this.#version++;
   }
@@ -320,11 +411,24 @@ export class PagedKVCache {
     return new StagedPageTable(this.buildTable(seqIds, true), this.device as DeviceName);
   }
 
-  /** The K and V pools of `layer`, for the attention ops. */
+  /** The K and V pools of `layer`, for the attention ops (a quantized cache has quantizedPages and tailPages instead). */
   pages(layer: number): KVPages {
     this.checkLive();
     this.checkLayer(layer);
+    if (this.quant) {
+      throw errorAtCaller('E_UNSUPPORTED', `Expected a full-precision PagedKVCache for pages(layer) but this one is quantized (${this.quant.format}): use quantizedPages(layer) and tailPages(layer) with ops.quantizedPagedDecodeAttention`);
+    }
     return this.#pools[layer]!;
+  }
+
+  /** A quantized cache's quantized pages of `layer`, for ops.quantizedPagedDecodeAttention (with tailPages and the cache's page table). */
+  quantizedPages(layer: number): QuantizedKVPages {
+    return this.quantLayer(layer, 'quantizedPages').quant;
+  }
+
+  /** A quantized cache's full-precision tail pool of `layer` ([maxSequences, pageSize, kvHeads, headDim]). */
+  tailPages(layer: number): TailPages {
+    return this.quantLayer(layer, 'tailPages').tail;
   }
 
   /** One layer's Quest metadata, for ops.questScores (the cache must have been made with quest: true). */
@@ -390,6 +494,7 @@ export class PagedKVCache {
       pages: state.pages.slice(0, state.count),
       pageStarts: state.starts.slice(0, state.count),
       written: state.written.slice(),
+      ...(this.quant ? { tail: state.tail } : {}),
     };
   }
 
@@ -411,6 +516,7 @@ export class PagedKVCache {
     for (const state of this.#sequences.values()) tokens += state.length;
     const stats: CacheStats = { ...this.#allocator.stats(), sequences: this.#sequences.size, tokens, evictedPages: this.#evictedPages };
     if (this.prefix) stats.prefix = this.prefix.stats();
+    if (this.#tails) stats.tails = this.#tails.stats();
     return stats;
   }
 
@@ -443,6 +549,7 @@ export class PagedKVCache {
   private reserve(growths: Growth[]): void {
     const P = this.pageSize;
     let demand = 0;
+    let tailDemand = 0;
     let freedByVictims = 0;
     for (const g of growths) {
       const s = g.seq;
@@ -452,18 +559,30 @@ export class PagedKVCache {
         g.victims = victims;
         for (const slot of victims) if (this.#allocator.refCount(s.pages[slot]!) === 1) freedByVictims++;
       }
-      demand += Math.max(0, newPages) + this.sharedWrittenPages(s, g.writeFrom, g.newLength);
+      if (!this.quant) {
+        demand += Math.max(0, newPages) + this.sharedWrittenPages(s, g.writeFrom, g.newLength);
+        continue;
+      }
+      // New slots take quantized pages, except the last one when the sequence has no tail yet: that takes a tail.
+      const needsTail = newPages > 0 && s.tail < 0;
+      if (needsTail) tailDemand++;
+      demand += Math.max(0, newPages) - (needsTail ? 1 : 0) + this.sharedQuantizedPages(g);
     }
     const free = this.#allocator.freeCount + freedByVictims;
     if (demand > free && demand > free + (this.prefix?.evictable ?? 0)) throw this.#allocator.outOfPages(demand, this.stats());
+    if (tailDemand > (this.#tails?.freeCount ?? 0)) throw this.outOfTails(tailDemand);
     for (const g of growths) {
       const dropped = g.victims.length * P;
       this.dropPages(g.seq, g.victims);
       g.writeFrom -= dropped;
       g.newLength -= dropped;
+      g.writeEnd -= dropped;
     }
     if (demand > this.#allocator.freeCount) this.prefix!.evict(demand - this.#allocator.freeCount);
-    for (const g of growths) this.grow(g.seq, g.writeFrom, g.newLength);
+    for (const g of growths) {
+      if (this.quant) this.growQuantized(g);
+      else this.grow(g.seq, g.writeFrom, g.newLength);
+    }
     this.#version++;
   }
 
@@ -479,6 +598,9 @@ export class PagedKVCache {
       // The error's argument name is only built on failure: this loop runs once per step.
       const state = this.#sequences.get(seqIds[b]!) ?? this.sequenceOf(seqIds[b], `seqIds[${b}]`);
       if (state.length === 0) throw invalid('E_RANGE', `seqIds[${b}]`, 'a sequence holding at least one token', seqIds[b]);
+      if (this.quant && state.tail < 0) {
+        throw invalid('E_RANGE', `seqIds[${b}]`, 'a sequence whose last page is a full-precision tail (every page of this one is quantized, after prefix reuse or truncation to a page boundary: append a token first)', seqIds[b]);
+      }
       states[b] = state;
       total += state.count;
       indptr[b + 1] = total;
@@ -528,6 +650,192 @@ export class PagedKVCache {
     }
   }
 
+  /**
+   * Quantized slots a write quantizes ([from, to)): from the first page the writing layer(s) still
+   * hold in the tail, up to the page its write ends in (which stays in the tail), existing slots only.
+   */
+  private quantizedWriteRange(g: Growth): [number, number] {
+    const s = g.seq;
+    const from = g.layer === undefined ? Math.min(...s.quantized) : s.quantized[g.layer]!;
+    return [from, Math.min(quantizedSlots(s), Math.ceil(g.writeEnd / this.pageSize) - 1)];
+  }
+
+  /** Quantized pages that a write will quantize into and that another owner also holds (a fork taken while a layer was behind). */
+  private sharedQuantizedPages(g: Growth): number {
+    const [from, to] = this.quantizedWriteRange(g);
+    let shared = 0;
+    for (let i = from; i < to; i++) if (this.#allocator.refCount(g.seq.pages[i]!) > 1) shared++;
+    return shared;
+  }
+
+  /**
+   * Growth of a quantized cache's sequence: shared pages the write will quantize into are copied; when
+   * it reaches new pages, the old tail slot and every new slot but the last get quantized page ids
+   * (filled as each layer writes past them) and the last new slot is the tail (allocated if none).
+   */
+  private growQuantized(g: Growth): void {
+    const s = g.seq;
+    const P = this.pageSize;
+    const [from, to] = this.quantizedWriteRange(g);
+    for (let i = from; i < to; i++) {
+      const page = s.pages[i]!;
+      if (this.#allocator.refCount(page) > 1) s.pages[i] = this.copyQuantizedPage(page);
+    }
+    const pagesAfter = Math.ceil(g.newLength / P);
+    if (pagesAfter > s.count) {
+      ensureCapacity(s, pagesAfter);
+      for (let i = quantizedSlots(s); i < pagesAfter - 1; i++) s.pages[i] = this.#allocator.allocate();
+      if (s.tail < 0) s.tail = this.#tails!.allocate();
+      s.pages[pagesAfter - 1] = s.tail;
+      s.view = undefined;
+      for (let i = s.count; i < pagesAfter; i++) {
+        s.starts[i] = s.end + i * P - s.length;
+        s.mass[i] = 0;
+      }
+      s.count = pagesAfter;
+    }
+    if (g.newLength > s.length) {
+      s.end += g.newLength - s.length;
+      s.length = g.newLength;
+    }
+  }
+
+  /** Copy-on-write of a quantized page on every layer (codes, scales, mins); `page` loses this owner. */
+  private copyQuantizedPage(page: number): number {
+    const copy = this.#allocator.allocate();
+    for (const { quant } of this.#quantLayers) {
+      for (const t of [quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin]) if (t) copyRows(t, page, copy);
+    }
+    this.#allocator.release(page);
+    return copy;
+  }
+
+  /**
+   * @internal Writes k, v rows of `items` into `layer` of a quantized cache, whose slots reserve() made.
+   * Each item's rows fill its tail page from the layer's first unquantized page on; every page the
+   * write passes is quantized into its slot's page id. When no item passes more than a full tail
+   * (decode and short chunks) that is one quantizePages call for the full tails and one append into
+   * the tail pool (`staged` keeps that append's table for the other layers of a step); otherwise the
+   * pages go through a scratch pool of the pages written.
+   */
+  writeQuantized(layer: number, k: Tensor, v: Tensor, items: readonly WriteItem[], staged?: { table?: StagedPageTable }): void {
+    const P = this.pageSize;
+    const { quant, tail } = this.#quantLayers[layer]!;
+    const batch = items.length;
+    const first = new Int32Array(batch);
+    const last = new Int32Array(batch);
+    const sealSrc: number[] = [];
+    const sealDst: number[] = [];
+    let direct = true;
+    items.forEach((it, b) => {
+      first[b] = it.seq.quantized[layer]!;
+      last[b] = Math.ceil((it.from + it.n) / P) - 1;
+      if (last[b] === first[b]) return;
+      if (last[b] === first[b]! + 1 && it.from === last[b]! * P) {
+        sealSrc.push(it.seq.tail);
+        sealDst.push(it.seq.pages[first[b]!]!);
+      } else {
+        direct = false;
+      }
+    });
+    const rows = k.shape[0]!;
+    const batchIndices = new Int32Array(rows);
+    const positions = new Int32Array(rows);
+    const indptr = new Int32Array(batch + 1);
+    const lastPageLen = new Int32Array(batch);
+    // Rows go to pages numbered from each item's first page written, except in the direct case (from its last).
+    items.forEach((it, b) => {
+      const base = (direct ? last[b]! : first[b]!) * P;
+      for (let j = 0; j < it.n; j++) {
+        batchIndices[it.row + j] = b;
+        positions[it.row + j] = it.from + j - base;
+      }
+      indptr[b + 1] = indptr[b]! + (direct ? 1 : last[b]! - first[b]! + 1);
+      lastPageLen[b] = it.from + it.n - last[b]! * P;
+    });
+    if (direct) {
+      if (sealSrc.length > 0) quantizePages({ kSrc: tail.kTail, vSrc: tail.vTail, srcPages: Int32Array.from(sealSrc), dstPages: Int32Array.from(sealDst) }, quant);
+      let table: PageTable | StagedPageTable = { indptr, indices: Int32Array.from(items, (it) => it.seq.tail), lastPageLen };
+      if (staged) table = staged.table ??= new StagedPageTable(table, this.device as DeviceName);
+      appendPagedKV(k, v, { kPages: tail.kTail, vPages: tail.vTail }, table, { batchIndices, positions });
+    } else {
+      const scratchShape = [indptr[batch]!, P, this.kvHeads, this.headDim];
+      using kScratch = Tensor.empty(scratchShape, { dtype: this.dtype, device: this.device as DeviceName });
+      using vScratch = Tensor.empty(scratchShape, { dtype: this.dtype, device: this.device as DeviceName });
+      const src: number[] = [];
+      const dst: number[] = [];
+      items.forEach((it, b) => {
+        // The tokens the layer already holds in its tail start the first scratch page.
+        if (it.from > first[b]! * P) {
+          copyRows(kScratch, it.seq.tail, indptr[b]!, tail.kTail);
+          copyRows(vScratch, it.seq.tail, indptr[b]!, tail.vTail);
+        }
+        for (let page = first[b]!; page < last[b]!; page++) {
+          src.push(indptr[b]! + page - first[b]!);
+          dst.push(it.seq.pages[page]!);
+        }
+      });
+      const indices = Int32Array.from({ length: indptr[batch]! }, (_, i) => i);
+      appendPagedKV(k, v, { kPages: kScratch, vPages: vScratch }, { indptr, indices, lastPageLen }, { batchIndices, positions });
+      if (src.length > 0) quantizePages({ kSrc: kScratch, vSrc: vScratch, srcPages: Int32Array.from(src), dstPages: Int32Array.from(dst) }, quant);
+      items.forEach((it, b) => {
+        copyRows(tail.kTail, indptr[b + 1]! - 1, it.seq.tail, kScratch);
+        copyRows(tail.vTail, indptr[b + 1]! - 1, it.seq.tail, vScratch);
+      });
+    }
+    items.forEach((it, b) => {
+      it.seq.quantized[layer] = last[b]!;
+      it.seq.written[layer] = it.from + it.n;
+    });
+  }
+
+  /**
+   * truncate() on a quantized cache: within the tail page the tail is simply cut; before it only to a
+   * page boundary that every layer has quantized (a quantized page cannot be cut), dropping the tail.
+   */
+  private truncateQuantized(state: Sequence, seq: number, length: number): void {
+    const P = this.pageSize;
+    const quantized = quantizedSlots(state);
+    const keep = Math.ceil(length / P);
+    if (state.tail < 0 || length <= quantized * P) {
+      if (length % P !== 0) {
+        const within = state.tail < 0 ? '' : `above ${quantized * P} (within its tail page) or `;
+        throw errorAtCaller('E_UNSUPPORTED', `Expected a length for truncate of sequence ${seq} ${within}at a page boundary (a multiple of ${P}) but received ${length}: a quantized page cannot be cut`);
+      }
+      for (let l = 0; l < this.layers; l++) {
+        if (state.written[l]! < length || state.quantized[l]! < keep) {
+          throw errorAtCaller('E_UNSUPPORTED', `Expected every layer of sequence ${seq} to have written and quantized its first ${keep} page(s) for truncate to ${length} but layer ${l} has written ${state.written[l]} tokens and quantized ${state.quantized[l]} page(s) (write that layer on first)`);
+        }
+      }
+      for (let i = keep; i < quantized; i++) this.#allocator.release(state.pages[i]!);
+      if (state.tail >= 0) this.#tails!.release(state.tail);
+      state.tail = -1;
+      state.quantized.fill(keep);
+    }
+    state.mass.fill(0, keep, state.count);
+    state.count = keep;
+    state.length = length;
+    state.end = keep === 0 ? 0 : state.starts[keep - 1]! + length - (keep - 1) * P;
+    for (let l = 0; l < this.layers; l++) state.written[l] = Math.min(state.written[l]!, length);
+    if (state.prompt) state.prompt = state.prompt.subarray(0, Math.min(state.prompt.length, length));
+    state.published = Math.min(state.published, Math.floor(length / P));
+    this.#version++;
+  }
+
+  /** The E_OOM for `requested` tail pages, with the stats. */
+  private outOfTails(requested: number): KvflashError {
+    const stats = this.stats();
+    const error = errorAtCaller('E_OOM', `Expected ${requested} free tail page(s) but ${this.#tails!.freeCount} of maxSequences = ${this.maxSequences} are free (every sequence holding tokens has one; raise maxSequences) (${JSON.stringify(stats)})`);
+    return Object.assign(error, { stats });
+  }
+
+  private quantLayer(layer: number, name: string): QuantLayer {
+    this.checkLive();
+    this.checkLayer(layer);
+    if (!this.quant) throw errorAtCaller('E_UNSUPPORTED', `Expected a PagedKVCache made with quant for ${name}(layer) but this one holds full-precision pages: use pages(layer)`);
+    return this.#quantLayers[layer]!;
+  }
+
   /** Copy-on-write: a fresh page holding `page`'s keys and values on every layer; `page` loses this owner. */
   private copyPage(page: number): number {
     const copy = this.#allocator.allocate();
@@ -566,6 +874,8 @@ export class PagedKVCache {
     const dropped = slots.length * P;
     seq.length -= dropped;
     for (let l = 0; l < this.layers; l++) seq.written[l]! -= dropped;
+    // Victims are quantized on every layer (viewOf), so each layer's quantized count loses all of them.
+    if (this.quant) for (let l = 0; l < this.layers; l++) seq.quantized[l]! -= slots.length;
     // Positions are no longer contiguous from 0, so the prompt no longer describes the pages.
     seq.prompt = undefined;
     seq.published = 0;
@@ -574,14 +884,17 @@ export class PagedKVCache {
   }
 
   private viewOf(seq: Sequence, pagesAfter: number): SequenceView {
-    const evictable = Math.floor(Math.min(...seq.written) / this.pageSize);
+    // A quantized cache drops only pages quantized on every layer: never the tail, nor a page a layer still holds there.
+    const evictable = this.quant ? Math.min(...seq.quantized) : Math.floor(Math.min(...seq.written) / this.pageSize);
     return { pageSize: this.pageSize, pagesAfter, evictable, mass: seq.mass.subarray(0, seq.count) };
   }
 
   /** @internal Hands the prompt pages that every layer of `seq` now holds in full to the prefix cache. */
   publish(seq: Sequence): void {
     if (!this.prefix || !seq.prompt) return;
-    const full = Math.floor(Math.min(Math.min(...seq.written), seq.prompt.length) / this.pageSize);
+    // A quantized cache hands over only pages quantized on every layer (a full tail is not yet).
+    const done = this.quant ? Math.min(...seq.quantized) : Math.floor(Math.min(...seq.written) / this.pageSize);
+    const full = Math.min(done, Math.floor(seq.prompt.length / this.pageSize));
     if (full <= seq.published) return;
     this.prefix.insert(seq.prompt.subarray(0, full * this.pageSize), seq.pages.subarray(0, full));
     seq.published = full;
@@ -628,8 +941,14 @@ export class PagedKVCache {
       pool.vPages.dispose();
     }
     for (const meta of this.#questMeta) meta.dispose();
+    for (const { quant, tail } of this.#quantLayers) {
+      if (quant) disposeQuantizedPages(quant);
+      tail.kTail?.dispose();
+      tail.vTail?.dispose();
+    }
     this.#pools = [];
     this.#questMeta = [];
+    this.#quantLayers = [];
   }
 }
 
@@ -652,6 +971,9 @@ export class CacheStep {
   readonly #states: Sequence[];
   readonly #version: number;
   readonly #layersWritten: Uint8Array;
+  /** Quantized caches: each sequence's rows, and the tail-pool append table shared by the layers. */
+  readonly #items: WriteItem[];
+  readonly #tailTable: { table?: StagedPageTable } = {};
 
   /** @internal Made by PagedKVCache.beginStep. */
   constructor(cache: PagedKVCache, states: Sequence[], seqIds: number[], table: StagedPageTable, starts: number[], version: number) {
@@ -676,15 +998,19 @@ export class CacheStep {
         this.positions[r] = s.starts[page]! + slot - page * P;
       }
     });
+    this.#items = cache.quant ? states.map((seq, b) => ({ seq, row: this.cuSeqlensQ[b]!, n: this.cuSeqlensQ[b + 1]! - this.cuSeqlensQ[b]!, from: starts[b]! })) : [];
   }
 
   /** The new tokens' keys and values for `layer`, k and v [cuSeqlensQ[B], kvHeads, headDim] in entry order. */
   append(layer: number, k: Tensor, v: Tensor): void {
     this.#cache.checkVersion(this.#version);
-    const pages = this.#cache.pages(layer);
+    const quantized = this.#cache.quant !== undefined;
+    // Both check the layer; a quantized cache writes its tail pool (and quantizes the pages it passes) instead.
+    const pages = quantized ? this.#cache.tailPages(layer) : this.#cache.pages(layer);
     if (this.#layersWritten[layer]) throw invalid('E_RANGE', 'layer', 'a layer this step has not written yet', layer);
     this.#cache.checkRows(k, v, this.slots.length);
-    appendPagedKV(k, v, pages, this.table, { batchIndices: this.batchIndices, positions: this.slots, questMeta: this.#cache.questMetaOrUndefined(layer) });
+    if (quantized) this.#cache.writeQuantized(layer, k, v, this.#items, this.#tailTable);
+    else appendPagedKV(k, v, pages as KVPages, this.table, { batchIndices: this.batchIndices, positions: this.slots, questMeta: this.#cache.questMetaOrUndefined(layer) });
     this.#layersWritten[layer] = 1;
     for (const s of this.#states) {
       s.written[layer] = s.length;
@@ -696,8 +1022,19 @@ export class CacheStep {
     return this.#cache.pages(layer);
   }
 
+  /** cache.quantizedPages(layer), for ops.quantizedPagedDecodeAttention with tailPages(layer) and table. */
+  quantizedPages(layer: number): QuantizedKVPages {
+    return this.#cache.quantizedPages(layer);
+  }
+
+  tailPages(layer: number): TailPages {
+    return this.#cache.tailPages(layer);
+  }
+
   dispose(): void {
     this.table.dispose();
+    this.#tailTable.table?.dispose();
+    this.#tailTable.table = undefined;
   }
 
   [Symbol.dispose](): void {
@@ -738,4 +1075,37 @@ function ensureCapacity(seq: Sequence, pages: number): void {
   const mass = new Float64Array(capacity);
   mass.set(seq.mass);
   seq.mass = mass;
+}
+
+/** A quantized cache's slots that hold quantized page ids: all but the tail slot. */
+function quantizedSlots(seq: Sequence): number {
+  return seq.tail >= 0 ? seq.count - 1 : seq.count;
+}
+
+/** Copies row `from` of `source` (default `t` itself) into row `to` of `t` (dim 0: pages). */
+function copyRows(t: Tensor, from: number, to: number, source: Tensor = t): void {
+  using dst = t.slice(to, to + 1);
+  using src = source.slice(from, from + 1);
+  dst.copyFrom(src);
+}
+
+const QUANT_FORMATS: readonly string[] = ['fp8e4m3', 'int8', 'int4', 'int2'];
+
+/** The quant option checked against the cache's dtype and head dim, before any memory is taken. */
+function checkQuant(quant: unknown, dtype: DType, headDim: number): Readonly<Required<QuantizedCacheOptions>> {
+  if (quant === null || typeof quant !== 'object' || Array.isArray(quant)) throw invalid('E_RANGE', 'quant', 'an object { format, groupSize? }', quant);
+  for (const key of Object.keys(quant)) {
+    if (key !== 'format' && key !== 'groupSize') throw errorAtCaller('E_UNSUPPORTED', `Expected quant options format and groupSize but received quant.${key}, which PagedKVCache does not support`);
+  }
+  const { format, groupSize } = quant as Partial<QuantizedCacheOptions>;
+  if (typeof format !== 'string' || !QUANT_FORMATS.includes(format)) throw invalid('E_RANGE', 'quant.format', "'fp8e4m3', 'int8', 'int4' or 'int2'", format);
+  if (dtype !== 'f32' && dtype !== 'f16' && dtype !== 'bf16') throw invalid('E_DTYPE', 'dtype', 'f32, f16 or bf16 (the tail pages) for a quantized cache', dtype);
+  const bits = quantBits(format as QuantFormat);
+  if ((headDim * bits) % 8 !== 0) throw invalid('E_SHAPE', 'headDim', `a multiple of ${8 / bits} for ${format} (whole bytes of codes per row)`, headDim);
+  // fp8e4m3 has one scale per page and KV head: a group size means nothing to it (ops.createQuantizedPages ignores it too).
+  if (format === 'fp8e4m3') return Object.freeze({ format: format as QuantFormat, groupSize: 32 });
+  const group = groupSize ?? 32;
+  if (group !== 32 && group !== 64 && group !== 128) throw invalid('E_RANGE', 'quant.groupSize', '32, 64 or 128', groupSize);
+  if (headDim % group !== 0) throw invalid('E_SHAPE', 'headDim', `a multiple of quant.groupSize ${group}`, headDim);
+  return Object.freeze({ format: format as QuantFormat, groupSize: group });
 }

@@ -214,7 +214,7 @@ describe('PagedKVCache', () => {
     v.dispose();
   });
 
-  it('refuses bad options, and quant as not available yet', () => {
+  it('refuses bad options', () => {
     const base = { layers: 1, numPages: 4, pageSize: 4, kvHeads: 1, headDim: 4, dtype: 'f32' } as const;
     expect(() => new PagedKVCache({ ...base, pageSize: 3 })).toThrow('Expected power of two from 1 to 256 for pageSize but received 3 of type number');
     expect(() => new PagedKVCache({ ...base, layers: -1 })).toThrow('Expected positive integer for layers but received -1 of type number');
