@@ -1,8 +1,10 @@
 /** The KV-cache managers: page allocation, paged caches with copy-on-write, prefix reuse, eviction policies. */
 export { BlockAllocator } from './block-allocator';
 export type { AllocatorStats } from './block-allocator';
-export { CacheStep, PagedKVCache } from './paged-kv-cache';
-export type { AddSequenceOptions, CacheStats, CompressResult, PagedKVCacheOptions, PageTableOptions, QuantizedCacheOptions, SequenceInfo, StepEntry } from './paged-kv-cache';
+export { CacheStep } from './cache-step';
+export { PagedKVCache } from './paged-kv-cache';
+export type { AddSequenceOptions, CacheStats, CompressResult, PagedKVCacheOptions, PageTableOptions, SequenceInfo, StepEntry } from './paged-kv-cache';
+export type { QuantizedCacheOptions } from './quant-options';
 export { PrefixCache } from './prefix-cache';
 export type { PrefixCacheStats } from './prefix-cache';
 export { H2O } from './policies/h2o';

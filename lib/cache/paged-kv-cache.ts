@@ -28,11 +28,14 @@ import { errorAtCaller, invalid, KvflashError } from '../errors';
 import { appendPagedKV, KVPages } from '../ops/attention';
 import { createQuestMeta } from '../ops/quest';
 import { PageTable, StagedPageTable } from '../ops/page-table';
-import { createQuantizedPages, disposeQuantizedPages, QuantFormat, quantBits, QuantizedKVPages, quantizePages, TailPages } from '../ops/quant';
+import { createQuantizedPages, disposeQuantizedPages, QuantizedKVPages, quantizePages, TailPages } from '../ops/quant';
 import { DeviceName, Tensor } from '../tensor';
 import { AllocatorStats, BlockAllocator, checkPositiveInteger } from './block-allocator';
 import { EvictionPolicy, ObservationScores, SequenceView } from './policies/policy';
+import { CacheStep } from './cache-step';
 import { PrefixCache, PrefixCacheStats } from './prefix-cache';
+import { checkQuant, QuantizedCacheOptions } from './quant-options';
+import { ensureCapacity, pageView, quantizedSlots, Sequence, tokenIds, WriteItem } from './sequence';
 
 export interface PagedKVCacheOptions {
   layers: number;
@@ -55,12 +58,6 @@ export interface PagedKVCacheOptions {
   policy?: EvictionPolicy;
   /** Remember full prompt pages so that new sequences reuse them. Default false. */
   prefixCache?: boolean;
-}
-
-export interface QuantizedCacheOptions {
-  format: QuantFormat;
-  /** Channels per value group of the integer formats: 32 (default), 64 or 128. */
-  groupSize?: number;
 }
 
 export interface AddSequenceOptions {
@@ -115,27 +112,6 @@ export interface CompressResult {
   headPages: Int32Array[];
 }
 
-interface Sequence {
-  pages: Int32Array;
-  /** pages[0, count) as a view, kept between page-table builds (a new view per build costs more than its copy). */
-  view: Int32Array | undefined;
-  starts: Int32Array;
-  mass: Float64Array;
-  count: number;
-  length: number;
-  /** Absolute position after the last token held; runs ahead of length once pages were dropped. */
-  end: number;
-  written: Int32Array;
-  /** Prompt tokens still known to match the pages (cleared by eviction, cut by truncate). */
-  prompt: Int32Array | undefined;
-  /** Leading pages already handed to the prefix cache. */
-  published: number;
-  /** Quantized caches: the tail id (pages[count - 1]), or -1 when every page is quantized. */
-  tail: number;
-  /** Quantized caches: per layer, the leading slots whose quantized page holds that layer's data; the layer's tail holds the next. */
-  quantized: Int32Array;
-}
-
 interface TableBuffers {
   indptr: Int32Array;
   indices: Int32Array;
@@ -153,14 +129,6 @@ interface Growth {
   layer?: number;
   /** Where that write ends. */
   writeEnd: number;
-}
-
-/** One sequence's rows of a layer write: k, v rows [row, row + n) go to slots [from, from + n). */
-interface WriteItem {
-  seq: Sequence;
-  row: number;
-  n: number;
-  from: number;
 }
 
 interface QuantLayer {
@@ -952,136 +920,6 @@ export class PagedKVCache {
   }
 }
 
-/**
- * One step's growth of a batch of sequences: the page table (staged once on the device, shared by
- * every layer) and where each new token goes. Valid until the cache next changes its page lists.
- */
-export class CacheStep {
-  readonly seqIds: readonly number[];
-  /** The step's page table, on the cache's device (cache.pageTable(seqIds) gives it on the host). */
-  readonly table: StagedPageTable;
-  /** Offsets of each sequence's new tokens in the step's rows: [B + 1]. */
-  readonly cuSeqlensQ: Int32Array;
-  /** For each new token, its row in the page table (sequence index) and its slot in the sequence. */
-  readonly batchIndices: Int32Array;
-  readonly slots: Int32Array;
-  /** Absolute position of each new token (for rotary embeddings). */
-  readonly positions: Int32Array;
-  readonly #cache: PagedKVCache;
-  readonly #states: Sequence[];
-  readonly #version: number;
-  readonly #layersWritten: Uint8Array;
-  /** Quantized caches: each sequence's rows, and the tail-pool append table shared by the layers. */
-  readonly #items: WriteItem[];
-  readonly #tailTable: { table?: StagedPageTable } = {};
-
-  /** @internal Made by PagedKVCache.beginStep. */
-  constructor(cache: PagedKVCache, states: Sequence[], seqIds: number[], table: StagedPageTable, starts: number[], version: number) {
-    this.#cache = cache;
-    this.#states = states;
-    this.#version = version;
-    this.#layersWritten = new Uint8Array(cache.layers);
-    this.seqIds = Object.freeze(seqIds);
-    this.table = table;
-    this.cuSeqlensQ = new Int32Array(states.length + 1);
-    states.forEach((s, b) => (this.cuSeqlensQ[b + 1] = this.cuSeqlensQ[b]! + s.length - starts[b]!));
-    const rows = this.cuSeqlensQ[states.length]!;
-    this.batchIndices = new Int32Array(rows);
-    this.slots = new Int32Array(rows);
-    this.positions = new Int32Array(rows);
-    states.forEach((s, b) => {
-      const P = cache.pageSize;
-      for (let r = this.cuSeqlensQ[b]!, slot = starts[b]!; r < this.cuSeqlensQ[b + 1]!; r++, slot++) {
-        this.batchIndices[r] = b;
-        this.slots[r] = slot;
-        const page = Math.floor(slot / P);
-        this.positions[r] = s.starts[page]! + slot - page * P;
-      }
-    });
-    this.#items = cache.quant ? states.map((seq, b) => ({ seq, row: this.cuSeqlensQ[b]!, n: this.cuSeqlensQ[b + 1]! - this.cuSeqlensQ[b]!, from: starts[b]! })) : [];
-  }
-
-  /** The new tokens' keys and values for `layer`, k and v [cuSeqlensQ[B], kvHeads, headDim] in entry order. */
-  append(layer: number, k: Tensor, v: Tensor): void {
-    this.#cache.checkVersion(this.#version);
-    const quantized = this.#cache.quant !== undefined;
-    // Both check the layer; a quantized cache writes its tail pool (and quantizes the pages it passes) instead.
-    const pages = quantized ? this.#cache.tailPages(layer) : this.#cache.pages(layer);
-    if (this.#layersWritten[layer]) throw invalid('E_RANGE', 'layer', 'a layer this step has not written yet', layer);
-    this.#cache.checkRows(k, v, this.slots.length);
-    if (quantized) this.#cache.writeQuantized(layer, k, v, this.#items, this.#tailTable);
-    else appendPagedKV(k, v, pages as KVPages, this.table, { batchIndices: this.batchIndices, positions: this.slots, questMeta: this.#cache.questMetaOrUndefined(layer) });
-    this.#layersWritten[layer] = 1;
-    for (const s of this.#states) {
-      s.written[layer] = s.length;
-      this.#cache.publish(s);
-    }
-  }
-
-  pages(layer: number): KVPages {
-    return this.#cache.pages(layer);
-  }
-
-  /** cache.quantizedPages(layer), for ops.quantizedPagedDecodeAttention with tailPages(layer) and table. */
-  quantizedPages(layer: number): QuantizedKVPages {
-    return this.#cache.quantizedPages(layer);
-  }
-
-  tailPages(layer: number): TailPages {
-    return this.#cache.tailPages(layer);
-  }
-
-  dispose(): void {
-    this.table.dispose();
-    this.#tailTable.table?.dispose();
-    this.#tailTable.table = undefined;
-  }
-
-  [Symbol.dispose](): void {
-    this.dispose();
-  }
-}
-
-function tokenIds(prompt: ArrayLike<number>): Int32Array {
-  if (prompt instanceof Int32Array) return prompt.slice();
-  if (prompt === null || typeof prompt !== 'object' || typeof prompt.length !== 'number') throw invalid('E_DTYPE', 'prompt', 'an array of token ids', prompt);
-  const out = new Int32Array(prompt.length);
-  for (let i = 0; i < prompt.length; i++) {
-    const t = prompt[i];
-    if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t > 2 ** 31 - 1) throw invalid('E_RANGE', `prompt[${i}]`, 'a non-negative 32-bit token id', t);
-    out[i] = t;
-  }
-  return out;
-}
-
-function pageView(seq: Sequence): Int32Array {
-  const view = seq.view;
-  // ensureCapacity drops the view when it replaces the buffer; reading view.buffer here would cost more.
-  if (view !== undefined && view.length === seq.count) return view;
-  return (seq.view = seq.pages.subarray(0, seq.count));
-}
-
-function ensureCapacity(seq: Sequence, pages: number): void {
-  if (pages <= seq.pages.length) return;
-  const capacity = Math.max(pages, seq.pages.length * 2);
-  const grown = (old: Int32Array) => {
-    const out = new Int32Array(capacity);
-    out.set(old);
-    return out;
-  };
-  seq.pages = grown(seq.pages);
-  seq.view = undefined;
-  seq.starts = grown(seq.starts);
-  const mass = new Float64Array(capacity);
-  mass.set(seq.mass);
-  seq.mass = mass;
-}
-
-/** A quantized cache's slots that hold quantized page ids: all but the tail slot. */
-function quantizedSlots(seq: Sequence): number {
-  return seq.tail >= 0 ? seq.count - 1 : seq.count;
-}
-
 /** Copies row `from` of `source` (default `t` itself) into row `to` of `t` (dim 0: pages). */
 function copyRows(t: Tensor, from: number, to: number, source: Tensor = t): void {
   using dst = t.slice(to, to + 1);
@@ -1089,23 +927,3 @@ function copyRows(t: Tensor, from: number, to: number, source: Tensor = t): void
   dst.copyFrom(src);
 }
 
-const QUANT_FORMATS: readonly string[] = ['fp8e4m3', 'int8', 'int4', 'int2'];
-
-/** The quant option checked against the cache's dtype and head dim, before any memory is taken. */
-function checkQuant(quant: unknown, dtype: DType, headDim: number): Readonly<Required<QuantizedCacheOptions>> {
-  if (quant === null || typeof quant !== 'object' || Array.isArray(quant)) throw invalid('E_RANGE', 'quant', 'an object { format, groupSize? }', quant);
-  for (const key of Object.keys(quant)) {
-    if (key !== 'format' && key !== 'groupSize') throw errorAtCaller('E_UNSUPPORTED', `Expected quant options format and groupSize but received quant.${key}, which PagedKVCache does not support`);
-  }
-  const { format, groupSize } = quant as Partial<QuantizedCacheOptions>;
-  if (typeof format !== 'string' || !QUANT_FORMATS.includes(format)) throw invalid('E_RANGE', 'quant.format', "'fp8e4m3', 'int8', 'int4' or 'int2'", format);
-  if (dtype !== 'f32' && dtype !== 'f16' && dtype !== 'bf16') throw invalid('E_DTYPE', 'dtype', 'f32, f16 or bf16 (the tail pages) for a quantized cache', dtype);
-  const bits = quantBits(format as QuantFormat);
-  if ((headDim * bits) % 8 !== 0) throw invalid('E_SHAPE', 'headDim', `a multiple of ${8 / bits} for ${format} (whole bytes of codes per row)`, headDim);
-  // fp8e4m3 has one scale per page and KV head: a group size means nothing to it (ops.createQuantizedPages ignores it too).
-  if (format === 'fp8e4m3') return Object.freeze({ format: format as QuantFormat, groupSize: 32 });
-  const group = groupSize ?? 32;
-  if (group !== 32 && group !== 64 && group !== 128) throw invalid('E_RANGE', 'quant.groupSize', '32, 64 or 128', groupSize);
-  if (headDim % group !== 0) throw invalid('E_SHAPE', 'headDim', `a multiple of quant.groupSize ${group}`, headDim);
-  return Object.freeze({ format: format as QuantFormat, groupSize: group });
-}
