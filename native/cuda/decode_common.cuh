@@ -1,0 +1,354 @@
+// What the paged decode kernels share (decode.cu, decode_quant.cu): launch constants, PTX wrappers
+// (cp.async, ldmatrix, mma), the element-type traits, the split-K planner and the kernel that merges
+// the splits' partial (out, lse) pairs. Included by .cu files only; everything sits in an anonymous
+// namespace so each translation unit gets its own kernels and no symbol crosses units.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../core/errors.h"
+#include "context.h"
+
+namespace kvflash::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMinSplitTokens = 256;  // below this a split costs more in merging than it gains
+constexpr int kMaxSplits = 256;
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// ---- PTX wrappers ----------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes, or writes 16 zero bytes when !valid (src-size 0 reads nothing): masked rows stay
+// finite, so p = 0 times V never makes a NaN.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Copies N = 4 or 8 bytes (N-aligned), or writes zeros when !valid. Through L1 (.ca): the only form
+// below 16 bytes.
+template <int N>
+__device__ __forceinline__ void cp_async_small(uint32_t dst, const void* src, bool valid) {
+  static_assert(N == 4 || N == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(N), "r"(valid ? N : 0)
+               : "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// The element type's tensor-core product, pair packing and float conversion.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// Four floats to four elements in one 8-byte store.
+template <typename T>
+__device__ __forceinline__ void store4(T* dst, float4 v) {
+  uint2 packed = make_uint2(Elem<T>::pack(v.x, v.y), Elem<T>::pack(v.z, v.w));
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+// Shared-memory rows of D elements, addressed in 16-byte chunks XOR-swizzled by the row's low three
+// bits: the 8 rows one ldmatrix phase reads then land in 8 distinct bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// One 16-token step of the online softmax over an m16n8k16 score tile s[j][e] (row lane/4 for e < 2,
+// lane/4 + 8 else; token pos0 + j*8 + (lane&3)*2 + (e&1)), in the exp2 domain: masks tokens at or
+// past `end`, rescales the running (m, l, o), and returns the probabilities packed as the A operand
+// of the P V product (the score tile's accumulator layout is that operand's layout).
+template <typename T, int NT>
+__device__ __forceinline__ void softmax_step(float (&s)[2][4], int pos0, int end, float scale_log2, float (&m)[2],
+                                             float (&l)[2], float (&o)[NT][4], uint32_t (&pa)[4]) {
+  const int lane = threadIdx.x & 31;
+  float rmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int pos = pos0 + j * 8 + (lane & 3) * 2 + (e & 1);
+      s[j][e] = pos < end ? s[j][e] * scale_log2 : -INFINITY;
+      rmax[e >> 1] = fmaxf(rmax[e >> 1], s[j][e]);
+    }
+  }
+  float use[2], factor[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rmax[r] = fmaxf(rmax[r], __shfl_xor_sync(0xffffffffu, rmax[r], 1));
+    rmax[r] = fmaxf(rmax[r], __shfl_xor_sync(0xffffffffu, rmax[r], 2));
+    const float mn = fmaxf(m[r], rmax[r]);
+    use[r] = mn == -INFINITY ? 0.f : mn;  // keeps exp2 of an all-masked row at 0, not NaN
+    factor[r] = exp2f(m[r] - use[r]);
+    m[r] = mn;
+  }
+  float p[2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[j][e] = exp2f(s[j][e] - use[e >> 1]);
+  }
+  l[0] = l[0] * factor[0] + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+  l[1] = l[1] * factor[1] + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    o[n][0] *= factor[0];
+    o[n][1] *= factor[0];
+    o[n][2] *= factor[1];
+    o[n][3] *= factor[1];
+  }
+  pa[0] = Elem<T>::pack(p[0][0], p[0][1]);
+  pa[1] = Elem<T>::pack(p[0][2], p[0][3]);
+  pa[2] = Elem<T>::pack(p[1][0], p[1][1]);
+  pa[3] = Elem<T>::pack(p[1][2], p[1][3]);
+}
+
+// The block's epilogue after its warps left their partial (o, m, l) in shared memory: o_s [warps][16][D]
+// (row-major, unnormalized), m_s and l_s [warps][16] (log2 domain). Warp w holds head tile w % MTILES;
+// the SLICES warps of a tile split its tokens. Merges them per head and writes out (and lse) when
+// the sequence is not split, else the split's normalized partial and its log2-sum-exp.
+template <typename T, int D, int SLICES, int MTILES>
+__device__ __forceinline__ void store_block_output(const float* o_s, const float* m_s, const float* l_s, int nheads,
+                                                   int64_t row0, int split, int num_splits, void* out, float* lse,
+                                                   float* part_out, float* part_lse) {
+  for (int i = threadIdx.x; i < nheads * (D / 4); i += kThreads) {
+    const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+    const int mt = r / 16, rr = r % 16;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int sl = 0; sl < SLICES; ++sl) mx = fmaxf(mx, m_s[(mt + sl * MTILES) * 16 + rr]);
+    const float use = mx == -INFINITY ? 0.f : mx;
+    float den = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int sl = 0; sl < SLICES; ++sl) {
+      const int w = mt + sl * MTILES;
+      const float f = exp2f(m_s[w * 16 + rr] - use);
+      den += f * l_s[w * 16 + rr];
+      const float4 v = *reinterpret_cast<const float4*>(o_s + (w * 16 + rr) * D + d);
+      acc.x += f * v.x;
+      acc.y += f * v.y;
+      acc.z += f * v.z;
+      acc.w += f * v.w;
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    acc.x *= inv;
+    acc.y *= inv;
+    acc.z *= inv;
+    acc.w *= inv;
+    const float lse2 = den > 0.f ? use + log2f(den) : -INFINITY;
+    const int64_t row = row0 + r;
+    if (num_splits == 1) {
+      store4(static_cast<T*>(out) + row * D + d, acc);
+      if (d == 0 && lse) lse[row] = lse2 * kLn2;
+    } else {
+      const int64_t slot = row * num_splits + split;
+      *reinterpret_cast<float4*>(part_out + slot * D + d) = acc;
+      if (d == 0) part_lse[slot] = lse2;
+    }
+  }
+}
+
+// exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
+__device__ __forceinline__ float weight(float m, float ref) { return m == -INFINITY ? 0.f : exp2f(m - ref); }
+
+// One block per (sequence, query head): weights each split by exp2(lse_s - max), normalized. The
+// block's warps take interleaved batches of splits and lanes own 4 columns each, so the merge costs a
+// few L2 round trips rather than one per split; the warps' sums meet in shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* part_out, const float* part_lse,
+                                                                void* out, float* lse, int splits, int head_dim) {
+  constexpr int kBatch = 8;  // partial rows one warp has in flight
+  __shared__ float4 warp_sum[kWarps][256 / 4];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row = blockIdx.x;
+  const float* pl = part_lse + row * splits;
+  const float* po = part_out + row * splits * head_dim;
+  // One pass over the lse values: a running (max, denominator) per lane, then merged across lanes.
+  float mx = -INFINITY, den = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float x = pl[s];
+    const float nm = fmaxf(mx, x);
+    den = den * weight(mx, nm) + weight(x, nm);
+    mx = nm;
+  }
+#pragma unroll
+  for (int k = 16; k > 0; k >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, mx, k);
+    const float od = __shfl_xor_sync(0xffffffffu, den, k);
+    const float nm = fmaxf(mx, om);
+    den = den * weight(mx, nm) + od * weight(om, nm);
+    mx = nm;
+  }
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  for (int d0 = 0; d0 < head_dim; d0 += 128) {  // every lane iterates: the shuffles need the whole warp
+    const int d = d0 + lane * 4;
+    const int dl = d < head_dim ? d : head_dim - 4;  // idle lanes load a valid column; it is never stored
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = warp * kBatch; s0 < splits; s0 += kWarps * kBatch) {
+      const int n = min(kBatch, splits - s0);
+      const float w_lane = lane < n ? weight(pl[s0 + lane], mx) * inv : 0.f;
+      float w[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) w[j] = __shfl_sync(0xffffffffu, w_lane, j);
+      // Past the last split: a repeat of it, weighted 0, so every load is unconditional.
+      float4 v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        v[j] = __ldcg(reinterpret_cast<const float4*>(po + (s0 + min(j, n - 1)) * head_dim + dl));
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        acc.x += w[j] * v[j].x;
+        acc.y += w[j] * v[j].y;
+        acc.z += w[j] * v[j].z;
+        acc.w += w[j] * v[j].w;
+      }
+    }
+    warp_sum[warp][d0 / 4 + lane] = acc;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < head_dim / 4; i += kThreads) {
+    float4 t = warp_sum[0][i];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      t.x += warp_sum[w][i].x;
+      t.y += warp_sum[w][i].y;
+      t.z += warp_sum[w][i].z;
+      t.w += warp_sum[w][i].w;
+    }
+    store4(static_cast<T*>(out) + row * head_dim + i * 4, t);
+  }
+  if (threadIdx.x == 0 && lse) lse[row] = den > 0.f ? (mx + log2f(den)) * kLn2 : -INFINITY;
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+// Per (device, kernel): raises the kernel's dynamic shared-memory limit to `smem` once and caches SMs x
+// resident blocks. Also reports whether the device has programmatic dependent launch (compute 9+).
+inline int resident_blocks(const void* kernel, size_t smem, bool* has_pdl = nullptr) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, std::pair<int, bool>> cache;
+  int device = 0;
+  KV_CUDA(cudaGetDevice(&device));
+  const auto key = std::make_pair(device, kernel);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    KV_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int sms = 0, per_sm = 0, major = 0;
+    KV_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    KV_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    KV_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    it = cache.emplace(key, std::make_pair(sms * (per_sm > 0 ? per_sm : 1), major >= 9)).first;
+  }
+  if (has_pdl) *has_pdl = it->second.second;
+  return it->second.first;
+}
+
+inline int floor_log2(int x) {
+  int r = 0;
+  while ((1 << (r + 1)) <= x) ++r;
+  return r;
+}
+
+// The split-K planner, from host-known capacities only (so one workspace size serves every launch
+// with them): enough splits to give each resident block slot one block (never more: a second wave of
+// half-length blocks takes as long as one of full length), each split at least kMinSplitTokens and
+// whole tiles of `tile` tokens, then as few splits as cover the same tiles per split. `base` is the
+// blocks per split (batch x KV heads x head chunks); forced > 0 fixes the count.
+inline int plan_splits(int64_t base, int64_t slots, int64_t max_len, int tile, int forced) {
+  const int64_t tiles = std::max<int64_t>((max_len + tile - 1) / tile, 1);
+  int64_t splits = 1;
+  if (forced > 0) {
+    splits = forced;
+  } else {
+    splits = base > 0 ? slots / base : 1;
+    splits = std::min<int64_t>(splits, (max_len + kMinSplitTokens - 1) / kMinSplitTokens);
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, kMaxSplits, tiles}));
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  if (forced <= 0) splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+  return static_cast<int>(splits);
+}
+
+// Launches the split merge over `rows` (sequence, query head) rows; with PDL its launch latency hides
+// behind the decode grid's tail.
+template <typename T>
+void launch_merge(const float* part_out, const float* part_lse, void* out, float* lse, int64_t rows, int splits,
+                  int head_dim, bool has_pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(rows));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attr;
+  config.numAttrs = has_pdl ? 1 : 0;
+  KV_CUDA(cudaLaunchKernelEx(&config, merge_splits_kernel<T>, part_out, part_lse, out, lse, splits, head_dim));
+  check_launch("merge_splits_kernel");
+}
+
+}  // namespace
+}  // namespace kvflash::cuda
