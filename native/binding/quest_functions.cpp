@@ -92,6 +92,9 @@ Napi::Value quest_scores(const Napi::CallbackInfo& info) {
   KV_CHECK(q.size(0) == table->batch, Shape, "Expected ", table->batch,
            " rows (one per sequence of the page table) for q but received ", q.size(0));
   const int64_t kv_heads = k_pages.size(2);
+  const int64_t dim = q.size(2);
+  KV_CHECK(!q.device().is_cuda() || dim == 64 || dim == 128 || dim == 256, Unsupported,
+           "Expected head dim 64, 128 or 256 on a GPU but received ", dim);
   KV_CHECK(q.size(1) % kv_heads == 0, Shape, "Expected the ", kv_heads, " KV heads to divide the ", q.size(1),
            " query heads of q");
   QuestScoreParams p;

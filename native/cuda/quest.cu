@@ -1,3 +1,6 @@
+#include <algorithm>
+#include <type_traits>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -31,44 +34,83 @@ __global__ void quest_meta_kernel(const QuestMetaParams p) {
 
 constexpr int kScoreWarps = 8;
 
-// One warp per (page entry, KV head): each lane takes every 32nd channel, the warp sums, and the
-// bound is maximised over the query heads of the group.
-// T: the q / meta dtype.
-template <typename T>
+// N consecutive elements (N * 2 bytes, aligned to that) in one vector load, as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* src, float (&out)[N]) {
+  using Vec = std::conditional_t<N == 2, uint32_t, std::conditional_t<N == 4, uint2, uint4>>;
+  const Vec v = *reinterpret_cast<const Vec*>(src);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(e[i]);
+}
+
+// One warp per (page entry, KV head): each lane holds D/32 consecutive channels of the page's min
+// and max (one vector load each), the warp sums, and the bound is maximised over the group's heads.
+// T: the q / meta dtype. D: head dim (64, 128 or 256).
+template <typename T, int D>
 __global__ void __launch_bounds__(kScoreWarps * 32) quest_scores_kernel(const QuestScoreParams p) {
+  constexpr int N = D / 32;
   const int lane = threadIdx.x % 32;
   const int64_t item = int64_t(blockIdx.x) * kScoreWarps + threadIdx.x / 32;
-  const int kv_heads = p.shape.num_kv_heads, D = p.shape.head_dim;
+  const int kv_heads = p.shape.num_kv_heads;
   if (item >= int64_t(p.nnz) * kv_heads) return;
   const int entry = static_cast<int>(item / kv_heads), h = static_cast<int>(item % kv_heads);
-  int lo_b = 0, hi_b = p.batch - 1;  // the sequence owning `entry`: indptr[b] <= entry < indptr[b+1]
-  while (lo_b < hi_b) {
-    const int mid = (lo_b + hi_b + 1) / 2;
-    if (p.kv.indptr[mid] <= entry) lo_b = mid; else hi_b = mid - 1;
+  int b = 0, hi_b = p.batch - 1;  // the sequence owning `entry`: indptr[b] <= entry < indptr[b+1]
+  while (b < hi_b) {
+    const int mid = (b + hi_b + 1) / 2;
+    if (p.kv.indptr[mid] <= entry) b = mid; else hi_b = mid - 1;
   }
   const int64_t page = p.kv.indices[entry];
-  const T* mins = static_cast<const T*>(p.meta) + (page * 2 * kv_heads + h) * D;
-  const T* maxs = mins + int64_t(kv_heads) * D;
+  const T* mins = static_cast<const T*>(p.meta) + (page * 2 * kv_heads + h) * D + lane * N;
+  float lo[N], hi[N];
+  load_floats(mins, lo);
+  load_floats(mins + int64_t(kv_heads) * D, hi);
   const int group = p.shape.num_q_heads / kv_heads;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.shape.num_q_heads + h * group) * D + lane * N;
   float best = -INFINITY;
-  for (int g = 0; g < group; ++g) {
-    const T* q = static_cast<const T*>(p.q) + (int64_t(lo_b) * p.shape.num_q_heads + h * group + g) * D;
+  for (int g = 0; g < group; ++g, q += D) {
+    float qv[N];
+    load_floats(q, qv);
     float bound = 0.0f;
-    for (int c = lane; c < D; c += 32) {
-      const float qc = to_float(q[c]);
-      bound += fmaxf(qc * to_float(mins[c]), qc * to_float(maxs[c]));
-    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) bound += fmaxf(qv[i] * lo[i], qv[i] * hi[i]);
     best = fmaxf(best, warp_sum(bound));
   }
   if (lane == 0) p.scores[item] = best;
 }
 
-constexpr int kTopkThreads = 256;
+constexpr int kTopkThreads = 1024;
+// Rows of up to this many pages keep their keys in shared memory for the select's passes (44 KB, under
+// the 48 KB a block gets without opting in: 180K tokens at page size 16); longer rows re-read them
+// from global memory (the L2) each pass.
+constexpr int kTopkSharedKeys = 11264;
 
 // Larger float, larger key (NaN sorts above everything, deterministically).
 __device__ __forceinline__ uint32_t order_key(float f) {
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// In warp 0: the bin, counted from the top, where the running count of `histogram` reaches
+// `remaining`, and how many keys lie in the bins above it. Each lane sums 8 bins, a warp scan
+// finds the lane, and that lane walks its own 8; it alone returns true.
+__device__ __forceinline__ bool find_bin(const int* histogram, int remaining, int* bin_out, int* above_out) {
+  const int lane = threadIdx.x;
+  int counts[8], lane_total = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) lane_total += counts[i] = histogram[255 - (lane * 8 + i)];
+  int inclusive = lane_total;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  const int before = inclusive - lane_total;
+  if (before >= remaining || inclusive < remaining) return false;
+  int above = before, i = 0;
+  while (above + counts[i] < remaining) above += counts[i++];
+  *bin_out = 255 - (lane * 8 + i);
+  *above_out = above;
+  return true;
 }
 
 // One block per (sequence, KV head) row. The budget - 1 best pages before the last are found by a
@@ -79,10 +121,11 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
   using Reduce = cub::BlockReduce<int, kTopkThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ typename Reduce::TempStorage reduce_storage;
-  __shared__ int32_t shared_offset;
   __shared__ int histogram[256];
+  __shared__ int32_t shared_offset;
   __shared__ uint32_t shared_prefix;
   __shared__ int shared_remaining;
+  extern __shared__ uint32_t shared_keys[];
 
   const int b = blockIdx.x / p.num_kv_heads, h = blockIdx.x % p.num_kv_heads;
   const int32_t begin = p.kv.indptr[b];
@@ -105,7 +148,13 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
   }
   const int candidates = n - 1;
   const int k = p.budget - 1;
-  auto key_of = [&](int j) { return order_key(p.scores[int64_t(begin + j) * p.num_kv_heads + h]); };
+  // Decided by the longest row, as the launch sized the shared memory by it.
+  const bool keys_shared = p.max_pages - 1 <= kTopkSharedKeys;
+  auto global_key = [&](int j) { return order_key(p.scores[int64_t(begin + j) * p.num_kv_heads + h]); };
+  if (keys_shared) {
+    for (int j = threadIdx.x; j < candidates; j += blockDim.x) shared_keys[j] = global_key(j);
+  }
+  auto key_of = [&](int j) { return keys_shared ? shared_keys[j] : global_key(j); };
 
   uint32_t prefix = 0, mask = 0;
   int remaining = k;
@@ -117,9 +166,8 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
       if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int above = 0, bin = 255;
-      while (above + histogram[bin] < remaining) above += histogram[bin--];
+    int bin, above;
+    if (threadIdx.x < 32 && find_bin(histogram, remaining, &bin, &above)) {
       shared_prefix = prefix | (uint32_t(bin) << shift);
       shared_remaining = remaining - above;
     }
@@ -162,14 +210,20 @@ void launch_quest_scores(const QuestScoreParams& p, cudaStream_t stream) {
   const int64_t warps = int64_t(p.nnz) * p.shape.num_kv_heads;
   const unsigned blocks = static_cast<unsigned>((warps + kScoreWarps - 1) / kScoreWarps);
   dispatch_dtype(p.dtype, [&](auto t) {
-    quest_scores_kernel<decltype(t)><<<blocks, kScoreWarps * 32, 0, stream>>>(p);
+    using T = decltype(t);
+    switch (p.shape.head_dim) {
+      case 64: quest_scores_kernel<T, 64><<<blocks, kScoreWarps * 32, 0, stream>>>(p); break;
+      case 128: quest_scores_kernel<T, 128><<<blocks, kScoreWarps * 32, 0, stream>>>(p); break;
+      default: quest_scores_kernel<T, 256><<<blocks, kScoreWarps * 32, 0, stream>>>(p); break;
+    }
   });
   check_launch("quest_scores_kernel");
 }
 
 void launch_topk_pages(const TopkPagesParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
-  topk_pages_kernel<<<p.batch * p.num_kv_heads, kTopkThreads, 0, stream>>>(p);
+  const size_t shared_keys = p.max_pages - 1 <= kTopkSharedKeys ? sizeof(uint32_t) * std::max(p.max_pages - 1, 1) : 0;
+  topk_pages_kernel<<<p.batch * p.num_kv_heads, kTopkThreads, shared_keys, stream>>>(p);
   check_launch("topk_pages_kernel");
 }
 
