@@ -215,7 +215,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* part_out, const float* part_lse,
                                                                 void* out, float* lse, int splits, int head_dim) {
   constexpr int kBatch = 8;  // partial rows one warp has in flight
-  __shared__ float4 warp_sum[kWarps][256 / 4];
+  __shared__ float4 warp_partial[kWarps][256 / 4];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -265,17 +265,17 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* par
         acc.w += w[j] * v[j].w;
       }
     }
-    warp_sum[warp][d0 / 4 + lane] = acc;
+    warp_partial[warp][d0 / 4 + lane] = acc;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < head_dim / 4; i += kThreads) {
-    float4 t = warp_sum[0][i];
+    float4 t = warp_partial[0][i];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) {
-      t.x += warp_sum[w][i].x;
-      t.y += warp_sum[w][i].y;
-      t.z += warp_sum[w][i].z;
-      t.w += warp_sum[w][i].w;
+      t.x += warp_partial[w][i].x;
+      t.y += warp_partial[w][i].y;
+      t.z += warp_partial[w][i].z;
+      t.w += warp_partial[w][i].w;
     }
     store4(static_cast<T*>(out) + row * head_dim + i * 4, t);
   }

@@ -13,6 +13,7 @@
 
 #include "decode_common.cuh"
 #include "quant.h"
+#include "scalar.cuh"
 
 namespace kvflash::cuda {
 namespace {
@@ -42,20 +43,6 @@ struct QuantDecodeArgs {
   float scale_log2;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T x);
-template <>
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f32(float x) { return __float2half_rn(x); }
-
 // NB bytes (1, 2, 4, 8 or 16) at an NB-aligned address, as 64 bits (the first 8 bytes) + 64 more.
 template <int NB>
 __device__ __forceinline__ void load_bytes(const void* p, uint64_t& lo, uint64_t& hi) {
@@ -80,7 +67,7 @@ __device__ __forceinline__ void load_full(const T* row, float (&x)[CH]) {
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     const uint16_t bits = static_cast<uint16_t>(w[c / 4] >> (16 * (c % 4)));
-    x[c] = to_f32(*reinterpret_cast<const T*>(&bits));
+    x[c] = to_float(*reinterpret_cast<const T*>(&bits));
   }
 }
 
@@ -99,7 +86,7 @@ __device__ __forceinline__ void load_codes(const uint8_t* row, int lane, uint32_
 }
 
 // Two f16 (the low and high halves of w) as floats, by the hardware conversion (exact).
-__device__ __forceinline__ float2 f16x2_to_f32(uint32_t w) {
+__device__ __forceinline__ float2 f16x2_to_float(uint32_t w) {
   __half2 h;
   memcpy(&h, &w, 4);
   return __half22float2(h);
@@ -107,7 +94,7 @@ __device__ __forceinline__ float2 f16x2_to_f32(uint32_t w) {
 
 // Two e4m3 codes (the low 16 bits of w) as floats: exact through f16, NaN stays NaN, as
 // fp8e4m3_bits_to_f32 defines; one conversion instruction on sm_89 and newer.
-__device__ __forceinline__ float2 fp8x2_to_f32(uint32_t w) {
+__device__ __forceinline__ float2 fp8x2_to_float(uint32_t w) {
   const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
   __half2 h;
   memcpy(&h, &raw, 4);
@@ -116,7 +103,7 @@ __device__ __forceinline__ float2 fp8x2_to_f32(uint32_t w) {
 
 // Float of a small unsigned integer code without the (quarter-rate) int-to-float unit: the code
 // as the low mantissa bits of 2^23, minus 2^23 (exact).
-__device__ __forceinline__ float code_to_f32(uint32_t c) { return __uint_as_float(0x4b000000u | c) - 8388608.f; }
+__device__ __forceinline__ float code_to_float(uint32_t c) { return __uint_as_float(0x4b000000u | c) - 8388608.f; }
 
 // ---- the CUDA-core kernel for page sizes under 16 (no 16-token step within one page) ------------
 //
@@ -148,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
 
   for (int i = tid; i < kHeads * D; i += kThreads) {
     const int r = i / D, d = i % D;
-    q_s[r][d] = r < nheads ? to_f32(static_cast<const T*>(a.q)[(int64_t(b) * a.num_heads + qh0 + r) * D + d]) * a.scale_log2
+    q_s[r][d] = r < nheads ? to_float(static_cast<const T*>(a.q)[(int64_t(b) * a.num_heads + qh0 + r) * D + d]) * a.scale_log2
                            : 0.f;
   }
   __syncthreads();
@@ -203,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
           const float ks = __half2float(a.k_scale[page * a.num_kv_heads + hk]);
 #pragma unroll
           for (int i = 0; i < UNIT_CH; i += 2) {
-            const float2 x = fp8x2_to_f32(w[i / 4] >> (8 * (i % 4)));
+            const float2 x = fp8x2_to_float(w[i / 4] >> (8 * (i % 4)));
             k[i] = x.x * ks;
             k[i + 1] = x.y * ks;
           }
@@ -216,12 +203,12 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
             const uint32_t scw[4] = {sc.x, sc.y, sc.z, sc.w}, mnw[4] = {mn.x, mn.y, mn.z, mn.w};
 #pragma unroll
             for (int i = 0; i < 8; i += 2) {
-              const float2 sf = f16x2_to_f32(scw[i / 2]), mf = f16x2_to_f32(mnw[i / 2]);
+              const float2 sf = f16x2_to_float(scw[i / 2]), mf = f16x2_to_float(mnw[i / 2]);
 #pragma unroll
               for (int i2 = 0; i2 < 2; ++i2) {
                 const int ch = e * 8 + i + i2;  // channel within the unit
                 const uint32_t code = (w[(ch * B) >> 5] >> ((ch * B) & 31)) & ((1u << B) - 1u);
-                k[ch] = fmaf(code_to_f32(code), i2 ? sf.y : sf.x, i2 ? mf.y : mf.x);
+                k[ch] = fmaf(code_to_float(code), i2 ? sf.y : sf.x, i2 ? mf.y : mf.x);
               }
             }
           }
@@ -287,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
             vscale = __half2float(a.v_scale[pagej * a.num_kv_heads + hk]);
 #pragma unroll
             for (int c = 0; c < CH; c += 2) {
-              const float2 x = fp8x2_to_f32(vc[c] | (vc[c + 1] << 8));
+              const float2 x = fp8x2_to_float(vc[c] | (vc[c + 1] << 8));
               v[c] = x.x;
               v[c + 1] = x.y;
             }
@@ -296,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
             vscale = __half2float(a.v_scale[vs]);
             vmin = __half2float(a.v_min[vs]);
 #pragma unroll
-            for (int c = 0; c < CH; ++c) v[c] = code_to_f32(vc[c]);
+            for (int c = 0; c < CH; ++c) v[c] = code_to_float(vc[c]);
           }
         }
         // sum_j p_j (min_j + c_jd s_j) = sum_j (p_j s_j) c_jd + sum_j p_j min_j: the min once per token.
@@ -344,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
     const float lse2 = den > 0.f ? use + log2f(den) : -INFINITY;
     const int64_t row = int64_t(b) * a.num_heads + qh0 + h;
     if (a.num_splits == 1) {
-      static_cast<T*>(a.out)[row * D + d] = from_f32<T>(o);
+      static_cast<T*>(a.out)[row * D + d] = from_float<T>(o);
       if (d == 0 && a.lse) a.lse[row] = lse2 * kLn2;
     } else {
       const int64_t at = row * a.num_splits + split;
@@ -477,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) quant_mma_decode_kernel(const QuantD
     const int kk = L / 16, ki = L % 16;
     const int ch = ((ki & 7) >> 1) * (D / 4) + kk * 4 + (ki >= 8 ? 2 : 0) + (ki & 1);
     float x = 0.f;
-    if (r < nheads) x = to_f32(static_cast<const T*>(a.q)[(static_cast<int64_t>(b) * a.num_heads + qh0 + r) * D + ch]);
+    if (r < nheads) x = to_float(static_cast<const T*>(a.q)[(static_cast<int64_t>(b) * a.num_heads + qh0 + r) * D + ch]);
     q_s[swz<D>(r, L / 8) + L % 8] = __float2half_rn(x);
   }
 
