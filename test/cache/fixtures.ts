@@ -1,8 +1,10 @@
 // Test data for the cache managers: every key and value element is a distinct small integer derived
 // from (token id, absolute position, layer, K or V, head, dim), exact in f32, so reading a sequence
 // back through its pages shows which token and position each slot holds.
+import { expect } from 'vitest';
+
 import { PagedKVCache, PagedKVCacheOptions } from '../../lib/cache/index';
-import { Tensor } from '../../lib/index';
+import { KvflashError, Tensor } from '../../lib/index';
 
 export const KEY = 0;
 export const VALUE = 1;
@@ -82,4 +84,15 @@ export function decodeSequence(cache: PagedKVCache, pools: Float32Array[][], seq
 
 export function smallCache(overrides: Partial<PagedKVCacheOptions> = {}): PagedKVCache {
   return new PagedKVCache({ layers: 2, numPages: 16, pageSize: 4, kvHeads: 2, headDim: 2, dtype: 'f32', ...overrides });
+}
+
+/** The KvflashError code `call` throws, or undefined when it returns. */
+export function codeOf(call: () => unknown): string | undefined {
+  try {
+    call();
+  } catch (error) {
+    expect(error).toBeInstanceOf(KvflashError);
+    return (error as KvflashError).code;
+  }
+  return undefined;
 }

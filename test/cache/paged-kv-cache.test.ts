@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { PagedKVCache } from '../../lib/cache/index';
 import { KvflashError, ops, Tensor } from '../../lib/index';
 import { normal, rng } from '../attention-fixtures';
-import { appendTokens, decodeSequence, kvTensors, readPools, smallCache } from './fixtures';
+import { appendTokens, codeOf, decodeSequence, kvTensors, readPools, smallCache } from './fixtures';
 
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
 
@@ -14,16 +14,6 @@ const range = (from: number, to: number) => Array.from({ length: to - from }, (_
 async function snapshot(cache: PagedKVCache) {
   const sequences = cache.sequences().map((seq) => cache.info(seq));
   return { stats: cache.stats(), sequences, pools: await readPools(cache) };
-}
-
-function codeOf(call: () => unknown): string | undefined {
-  try {
-    call();
-  } catch (error) {
-    expect(error).toBeInstanceOf(KvflashError);
-    return (error as KvflashError).code;
-  }
-  return undefined;
 }
 
 describe('PagedKVCache', () => {

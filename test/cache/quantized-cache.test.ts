@@ -11,6 +11,7 @@ import { KvflashError, ops, Tensor } from '../../lib/index';
 import type { QuantFormat, QuantizedKVPages } from '../../lib/index';
 import { normal, rng } from '../attention-fixtures';
 import { FORMATS } from '../quant-fixtures';
+import { codeOf } from './fixtures';
 
 const KEY = 0;
 const VALUE = 1;
@@ -143,16 +144,6 @@ async function snapshot(cache: PagedKVCache) {
     layers.push(await Promise.all(tensors.filter((t) => t !== undefined).map((t) => t!.bytes())));
   }
   return { stats: cache.stats(), sequences, layers };
-}
-
-function codeOf(call: () => unknown): string | undefined {
-  try {
-    call();
-  } catch (error) {
-    expect(error).toBeInstanceOf(KvflashError);
-    return (error as KvflashError).code;
-  }
-  return undefined;
 }
 
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
