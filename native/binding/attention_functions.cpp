@@ -77,6 +77,27 @@ Tensor lse_tensor(bool wanted, int64_t rows, int heads, const Device& device) {
   return wanted ? empty({rows, heads}, DType::F32, device) : Tensor();
 }
 
+// The query side both prefills share: the output (and lse) tensors, cuSeqlensQ on the device, and the
+// params fields pointing at them; the tensors live as long as the returned struct.
+struct QueryOutputs {
+  Tensor out, lse, cu_q_dev;
+};
+
+template <typename Params>
+QueryOutputs bind_queries(Params& p, const Tensor& q, const HostInts& cu_q, bool return_lse) {
+  QueryOutputs o;
+  o.out = empty(q.shape(), q.dtype(), q.device());
+  o.lse = lse_tensor(return_lse, q.size(0), p.shape.num_q_heads, q.device());
+  o.cu_q_dev = on_device(cu_q, q.device());
+  p.total_q = static_cast<int>(q.size(0));
+  p.q = q.data();
+  p.out = o.out.data();
+  p.lse = o.lse.defined() ? o.lse.data_as<float>() : nullptr;
+  p.cu_seqlens_q = o.cu_q_dev.data_as<int32_t>();
+  p.cu_seqlens_q_host = cu_q.data;
+  return o;
+}
+
 // prefill(q, k, v, cuSeqlensQ, cuSeqlensK, causal, windowLeft, scale, returnLse) -> [out, lse?]
 Napi::Value prefill(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
@@ -105,22 +126,15 @@ Napi::Value prefill(const Napi::CallbackInfo& info) {
     }
   }
   const Device device = q.device();
-  Tensor out = empty(q.shape(), q.dtype(), device);
-  Tensor lse = lse_tensor(get_bool(info[8], "returnLse"), q.size(0), p.shape.num_q_heads, device);
-  const Tensor cu_q_dev = on_device(cu_q, device), cu_k_dev = on_device(cu_k, device);
-  p.total_q = static_cast<int>(q.size(0));
+  const QueryOutputs o = bind_queries(p, q, cu_q, get_bool(info[8], "returnLse"));
+  const Tensor cu_k_dev = on_device(cu_k, device);
   p.total_k = static_cast<int>(k.size(0));
-  p.q = q.data();
   p.k = k.data();
   p.v = v.data();
-  p.out = out.data();
-  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
-  p.cu_seqlens_q = cu_q_dev.data_as<int32_t>();
   p.cu_seqlens_k = cu_k_dev.data_as<int32_t>();
-  p.cu_seqlens_q_host = cu_q.data;
   p.cu_seqlens_k_host = cu_k.data;
   if (q.size(0) > 0) backend_for(device).prefill(device, p);
-  return results(info.Env(), out, lse);
+  return results(info.Env(), o.out, o.lse);
 }
 
 // pagedPrefill(q, kPages, vPages, table, cuSeqlensQ, causal, windowLeft, scale, returnLse) -> [out, lse?]
@@ -147,18 +161,10 @@ Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
     p.max_seqlen_k = std::max(p.max_seqlen_k, sk);
   }
   const Device device = q.device();
-  Tensor out = empty(q.shape(), q.dtype(), device);
-  Tensor lse = lse_tensor(get_bool(info[8], "returnLse"), q.size(0), p.shape.num_q_heads, device);
-  const Tensor cu_q_dev = on_device(cu_q, device);
-  p.total_q = static_cast<int>(q.size(0));
-  p.q = q.data();
-  p.out = out.data();
-  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
-  p.cu_seqlens_q = cu_q_dev.data_as<int32_t>();
-  p.cu_seqlens_q_host = cu_q.data;
+  const QueryOutputs o = bind_queries(p, q, cu_q, get_bool(info[8], "returnLse"));
   p.kv = in.kv;
   if (q.size(0) > 0) backend_for(device).paged_prefill(device, p);
-  return results(info.Env(), out, lse);
+  return results(info.Env(), o.out, o.lse);
 }
 
 // pagedDecode(q, kPages, vPages, table, scale, returnLse, splits) -> [out, lse?]
