@@ -5,6 +5,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const { backend, ops, Tensor } = require('../dist/cjs/index.js');
 const { randomTensor, timeGpu } = require('./timing.js');
+const { scatteredTable } = require('./paged-layout.js');
 
 const shapes = JSON.parse(fs.readFileSync(path.join(__dirname, 'shapes.json'), 'utf8'));
 const { heads, kvHeads, headDim, pageSize } = shapes;
@@ -14,27 +15,6 @@ function offsets(lengths) {
   const out = new Int32Array(lengths.length + 1);
   lengths.forEach((l, i) => (out[i + 1] = out[i] + l));
   return out;
-}
-
-/** A pool of exactly the pages the batch needs, handed out in a random order (scattered, not contiguous). */
-function scatteredTable(batch, length, seed) {
-  const perSeq = Math.ceil(length / pageSize);
-  const numPages = batch * perSeq;
-  const order = Int32Array.from({ length: numPages }, (_, i) => i);
-  let s = seed;
-  for (let i = numPages - 1; i > 0; i--) {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    const j = s % (i + 1);
-    [order[i], order[j]] = [order[j], order[i]];
-  }
-  return {
-    numPages,
-    table: {
-      indptr: Int32Array.from({ length: batch + 1 }, (_, b) => b * perSeq),
-      indices: order,
-      lastPageLen: new Int32Array(batch).fill(length - (perSeq - 1) * pageSize),
-    },
-  };
 }
 
 async function prefill(shape) {
@@ -52,7 +32,7 @@ async function prefill(shape) {
 
 async function decode(shape) {
   const { batch, length } = shape;
-  const { numPages, table } = scatteredTable(batch, length, 7);
+  const { numPages, table } = scatteredTable(batch, length, pageSize, 7);
   const kPages = randomTensor([numPages, pageSize, kvHeads, headDim], { seed: 4 });
   const vPages = randomTensor([numPages, pageSize, kvHeads, headDim], { seed: 5 });
   const q = randomTensor([batch, heads, headDim], { seed: 6 });

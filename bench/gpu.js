@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // `npm run bench:gpu`: kvflash and the PyTorch baselines at the same shapes, in one run on one GPU.
-// Writes attention-<date>-<gpu>.json and .svg (ratios per shape) to --out-dir (default
-// bench/results) and prints the table. Progress goes to stderr as each suite finishes.
+// Writes attention-<date>-<gpu>.json and .svg (ratios per shape), quest-<date>-<gpu>.json and
+// quant-decode-<date>-<gpu>.json to --out-dir (default bench/results) and prints the tables. Progress goes to stderr as each suite finishes.
 'use strict';
 const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
@@ -21,6 +21,7 @@ function runJson(command, argv, label) {
 
 const kvflash = runJson(process.execPath, [path.join(__dirname, 'attention.js')], 'kvflash suite');
 const quest = runJson(process.execPath, [path.join(__dirname, 'quest.js')], 'Quest suite');
+const quant = runJson(process.execPath, [path.join(__dirname, 'quant-decode.js')], 'quantized decode suite');
 const torch = runJson(python, [path.join(__dirname, 'baselines', 'attention.py')], 'PyTorch baselines');
 
 const metricOf = (r) => (r.suite === 'prefill' ? r.tflops : r.tbps);
@@ -85,6 +86,15 @@ const questReport = {
 const questFile = path.join(outDir, `quest-${date}-${gpu}.json`);
 fs.writeFileSync(questFile, JSON.stringify(questReport, null, 2) + '\n');
 
+const quantReport = {
+  date,
+  device: quant.device,
+  method: 'Paged-decode shapes of bench/shapes.json, pages scattered; each format quantizes the same pages (group size 32, f16 statistics); each sequence keeps its last page in bf16 (the tail pool). speedup = bf16 paged decode time / quantized decode time, both from this run; bytesPerToken = codes + statistics of K and V over all KV heads of one layer; byteRatio = bf16 bytes / format bytes; efficiency = speedup / byteRatio. CUDA events, median of 30, L2 flushed by reads before each run.',
+  results: quant.results,
+};
+const quantFile = path.join(outDir, `quant-decode-${date}-${gpu}.json`);
+fs.writeFileSync(quantFile, JSON.stringify(quantReport, null, 2) + '\n');
+
 const fmt = (v) => (v == null ? '-' : v.toFixed(2));
 console.log(`\n${report.device}, ${date}, torch ${report.torch}; copy ceiling ${fmt(copy?.tbps)} TB/s`);
 console.log('| shape | unit | kvflash | torch flash | cuDNN | vs flash | vs cuDNN |');
@@ -98,4 +108,10 @@ for (const r of quest.results) {
   const st = r.stagesUs;
   console.log(`| ${r.length} | ${r.budgetTokens} | ${r.fullUs.toFixed(1)} | ${r.questUs.toFixed(1)} | ${r.speedup.toFixed(2)}x | ${st.scores.toFixed(1)} / ${st.topk.toFixed(1)} / ${st.sparseDecode.toFixed(1)} |`);
 }
-console.log(`\nwrote ${base}.json, ${base}.svg and ${questFile}`);
+console.log('\n| quantized decode | bf16 µs | ' + Object.keys(quant.results[0].formats).map((f) => `${f} µs (speedup, byte ratio)`).join(' | ') + ' |');
+console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(quant.results[0].formats).length));
+for (const r of quant.results) {
+  const cells = Object.values(r.formats).map((f) => `${f.us.toFixed(1)} (${f.speedup.toFixed(2)}x, ${f.byteRatio.toFixed(2)}x)`);
+  console.log(`| ${r.name} | ${r.bf16Us.toFixed(1)} | ${cells.join(' | ')} |`);
+}
+console.log(`\nwrote ${base}.json, ${base}.svg, ${questFile} and ${quantFile}`);

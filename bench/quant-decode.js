@@ -1,59 +1,62 @@
-// Quantized paged decode against bf16 paged decode at large shapes (issue 4's speedup targets:
-// int8 >= 1.8x, int4 >= 3.2x, int2 >= 5x). Same pages, same table, L2 flushed before each run.
-// Usage (GPU machine): node bench/quant-decode.js [--out FILE.json]
+// Quantized paged decode beside the bf16 paged decode of the same logical context, at the paged-decode
+// shapes of bench/shapes.json (pages scattered, L2 flushed before each run). Each sequence's last page
+// stays in full precision (the tail pool), as in a quantized PagedKVCache. Prints one JSON object:
+// { device, results: [{ name, batch, length, bf16Us, bf16BytesPerToken, formats: { <format>: { us,
+//   speedup, bytesPerToken, byteRatio, efficiency } } }] }, where bytesPerToken counts codes and
+// statistics of K and V over all KV heads of one layer, byteRatio = bf16 bytes / format bytes (the
+// speedup a kernel running at the bf16 decode's bandwidth would reach) and efficiency = speedup / byteRatio.
 'use strict';
 const fs = require('node:fs');
-const { backend, ops } = require('../dist/cjs/index.js');
-const { timeGpu, randomTensor } = require('./timing');
+const path = require('node:path');
+const { backend, dtypeBytes, ops } = require('../dist/cjs/index.js');
+const { randomTensor, timeGpu } = require('./timing.js');
+const { scatteredTable } = require('./paged-layout.js');
 
+const shapes = JSON.parse(fs.readFileSync(path.join(__dirname, 'shapes.json'), 'utf8'));
+const { heads, kvHeads, headDim, pageSize } = shapes;
 const device = 'cuda:0';
-const SHAPES = [
-  { batch: 8, heads: 32, kvHeads: 8, dim: 128, seqLen: 8192, pageSize: 16 },
-  { batch: 32, heads: 32, kvHeads: 8, dim: 128, seqLen: 4096, pageSize: 16 },
-  { batch: 64, heads: 32, kvHeads: 8, dim: 128, seqLen: 8192, pageSize: 16 },
-  { batch: 4, heads: 64, kvHeads: 8, dim: 128, seqLen: 32768, pageSize: 16 },
-];
 const FORMATS = ['fp8e4m3', 'int8', 'int4', 'int2'];
 
-async function main() {
-  const outIndex = process.argv.indexOf('--out');
-  const results = [];
-  console.log(`device: ${backend().device}`);
-  for (const s of SHAPES) {
-    const pagesPer = Math.ceil(s.seqLen / s.pageSize);
-    const numPages = s.batch * pagesPer;
-    const pool = [numPages, s.pageSize, s.kvHeads, s.dim];
-    const kPages = randomTensor(pool, { seed: 1 }), vPages = randomTensor(pool, { seed: 2 });
-    const q = randomTensor([s.batch, s.heads, s.dim], { seed: 3 });
-    const indptr = Int32Array.from({ length: s.batch + 1 }, (_, b) => b * pagesPer);
-    const indices = Int32Array.from({ length: numPages }, (_, i) => i);
-    const lastPageLen = new Int32Array(s.batch).fill(s.seqLen - (pagesPer - 1) * s.pageSize);
-    const table = new ops.StagedPageTable({ indptr, indices, lastPageLen }, device);
-    const bf16 = await timeGpu(() => ops.pagedDecodeAttention(q, { kPages, vPages }, table).out, { flush: true });
-    const row = { ...s, bf16Ms: bf16.medianMs };
-    // The tail pool holds each sequence's last page (here: a copy of the first pages of the pool).
-    const tailIndices = Int32Array.from(indices);
-    for (let b = 0; b < s.batch; b++) tailIndices[indptr[b + 1] - 1] = b;
-    const qTable = new ops.StagedPageTable({ indptr, indices: tailIndices, lastPageLen }, device);
-    const kTail = kPages.slice(0, s.batch), vTail = vPages.slice(0, s.batch);
-    for (const format of FORMATS) {
-      const quant = ops.createQuantizedPages(numPages, s.pageSize, s.kvHeads, s.dim, { format, device });
-      ops.quantizePages({ kSrc: kPages, vSrc: vPages, srcPages: indices, dstPages: indices }, quant);
-      const t = await timeGpu(() => ops.quantizedPagedDecodeAttention(q, quant, { kTail, vTail }, qTable).out, { flush: true });
-      row[`${format}Ms`] = t.medianMs;
-      row[`${format}Speedup`] = bf16.medianMs / t.medianMs;
-      ops.disposeQuantizedPages(quant);
-    }
-    console.log(JSON.stringify(row));
-    results.push(row);
-    for (const t of [kPages, vPages, q, kTail, vTail]) t.dispose();
-    table.dispose();
-    qTable.dispose();
+const bytesOf = (tensors) => tensors.reduce((sum, t) => sum + (t ? t.numel * dtypeBytes(t.dtype) : 0), 0);
+
+async function decodeShape({ name, batch, length }) {
+  const { numPages, table } = scatteredTable(batch, length, pageSize, 7);
+  const kPages = randomTensor([numPages, pageSize, kvHeads, headDim], { seed: 4 });
+  const vPages = randomTensor([numPages, pageSize, kvHeads, headDim], { seed: 5 });
+  const q = randomTensor([batch, heads, headDim], { seed: 6 });
+  const staged = new ops.StagedPageTable(table, device);
+  const bf16 = await timeGpu(() => ops.pagedDecodeAttention(q, { kPages, vPages }, staged).out, { device, flush: true });
+  const bf16BytesPerToken = 2 * kvHeads * headDim * dtypeBytes('bf16');
+  // Tail pool: sequence b's last page is row b of a full-precision pool (here the pool's first rows).
+  const quantIndices = Int32Array.from(table.indices);
+  for (let b = 0; b < batch; b++) quantIndices[table.indptr[b + 1] - 1] = b;
+  const quantTable = new ops.StagedPageTable({ ...table, indices: quantIndices }, device);
+  const tail = { kTail: kPages.slice(0, batch), vTail: vPages.slice(0, batch) };
+  const allPages = Int32Array.from({ length: numPages }, (_, i) => i);
+  const formats = {};
+  for (const format of FORMATS) {
+    const quant = ops.createQuantizedPages(numPages, pageSize, kvHeads, headDim, { format, device });
+    ops.quantizePages({ kSrc: kPages, vSrc: vPages, srcPages: allPages, dstPages: allPages }, quant);
+    const time = await timeGpu(() => ops.quantizedPagedDecodeAttention(q, quant, tail, quantTable).out, { device, flush: true });
+    const bytesPerToken = bytesOf([quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin]) / (numPages * pageSize);
+    const speedup = bf16.medianMs / time.medianMs;
+    const byteRatio = bf16BytesPerToken / bytesPerToken;
+    formats[format] = { us: time.medianMs * 1e3, speedup, bytesPerToken, byteRatio, efficiency: speedup / byteRatio };
+    ops.disposeQuantizedPages(quant);
   }
-  if (outIndex > 0) fs.writeFileSync(process.argv[outIndex + 1], JSON.stringify({ device: backend().device, results }, null, 2));
+  [q, kPages, vPages, tail.kTail, tail.vTail, staged, quantTable].forEach((x) => x.dispose());
+  return { name, batch, length, bf16Us: bf16.medianMs * 1e3, bf16BytesPerToken, formats };
 }
 
-main().catch((e) => {
-  console.error(e);
+async function main() {
+  const info = backend();
+  if (info.name !== 'cuda') throw new Error(`the GPU benchmark needs the CUDA backend: ${info.reason}`);
+  const results = [];
+  for (const shape of shapes.decode) results.push(await decodeShape(shape));
+  process.stdout.write(JSON.stringify({ device: info.device, results }) + '\n');
+}
+
+main().catch((error) => {
+  console.error(error);
   process.exit(1);
 });

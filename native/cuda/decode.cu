@@ -178,43 +178,17 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
     }
   }
 
-  // Merge the warps that share a head tile. The ring is free once every copy has landed.
-  cp_async_wait<0>();
-  __syncthreads();
-  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
-  float* m_s = o_s + kWarps * 16 * D;           // [kWarps][16]
-  float* l_s = m_s + kWarps * 16;               // [kWarps][16]
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  {
-    const int g = lane >> 2, c2 = (lane & 3) * 2;
-    float* ow = o_s + warp * 16 * D;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<float2*>(ow + g * D + n * 8 + c2) = make_float2(o[n][0], o[n][1]);
-      *reinterpret_cast<float2*>(ow + (g + 8) * D + n * 8 + c2) = make_float2(o[n][2], o[n][3]);
-    }
-    if ((lane & 3) == 0) {
-      m_s[warp * 16 + g] = m[0];
-      m_s[warp * 16 + g + 8] = m[1];
-      l_s[warp * 16 + g] = l[0];
-      l_s[warp * 16 + g + 8] = l[1];
-    }
-  }
-  __syncthreads();
-
-  store_block_output<T, D, SLICES, MTILES>(o_s, m_s, l_s, nheads, static_cast<int64_t>(b) * a.num_heads + qh0, split,
-                                          a.num_splits, a.out, a.lse, a.part_out, a.part_lse);
+  // Merge the warps that share a head tile; fragment columns hold channels in order.
+  finish_block<T, D, SLICES, MTILES>(smem, o, m, l, [](int n, int c) { return n * 8 + c; }, nheads,
+                                     static_cast<int64_t>(b) * a.num_heads + qh0, split, a.num_splits, a.out,
+                                     a.lse, a.part_out, a.part_lse);
 }
 
 // ---- host side -------------------------------------------------------------------------------
 
 struct KernelChoice {
   void (*decode)(DecodeArgs);
-  void (*merge)(const float*, const float*, void*, float*, int64_t, int, int, bool, cudaStream_t);
+  MergeLauncher merge;
   int heads_per_block;  // 16 * MTILES
   size_t smem;
 };
@@ -279,8 +253,7 @@ Plan make_plan(const DecodeParams& p) {
 }
 
 size_t workspace_bytes(const DecodeParams& p, const Plan& plan) {
-  if (plan.splits <= 1) return 0;
-  return static_cast<size_t>(plan.splits) * p.batch * p.shape.num_q_heads * (p.shape.head_dim + 1) * sizeof(float);
+  return split_workspace_bytes(plan.splits, static_cast<int64_t>(p.batch) * p.shape.num_q_heads, p.shape.head_dim);
 }
 
 void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream_t stream) {
@@ -313,19 +286,11 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   a.log2_page = floor_log2(p.kv.page_size);
   a.num_splits = plan.splits;
   a.scale_log2 = p.scale * 1.44269504088896340736f;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.shape.num_q_heads;
-  if (plan.splits > 1) {
-    KV_CHECK(workspace != nullptr, Shape, "paged decode needs ", workspace_bytes(p, plan), " bytes of workspace");
-    a.part_out = static_cast<float*>(workspace);
-    a.part_lse = a.part_out + rows * plan.splits * p.shape.head_dim;
-  }
   // Neighbouring blocks are the KV heads of one token range: they read adjacent bytes of each page.
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
-  plan.k.decode<<<grid, kThreads, plan.k.smem, stream>>>(a);
-  check_launch("paged_decode_kernel");
-  if (plan.splits > 1) {
-    plan.k.merge(a.part_out, a.part_lse, p.out, p.lse, rows, plan.splits, p.shape.head_dim, has_pdl, stream);
-  }
+  launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem,
+                          static_cast<int64_t>(p.batch) * p.shape.num_q_heads, p.shape.head_dim, workspace, has_pdl,
+                          stream, "paged decode");
 }
 
 }  // namespace

@@ -205,6 +205,47 @@ __device__ __forceinline__ void store_block_output(const float* o_s, const float
   }
 }
 
+// The end of a decode block: once every copy has landed (the ring is free), each warp leaves its
+// partial (o, m, l) of 16 head rows in shared memory (l summed over the quad first), then
+// store_block_output merges them. `column(n, c)` is the channel that column c (0..7) of output tile n
+// holds: the kernels may permute channels across fragments to make their operand loads contiguous.
+template <typename T, int D, int SLICES, int MTILES, int NT, typename Column>
+__device__ __forceinline__ void finish_block(unsigned char* smem, const float (&o)[NT][4], const float (&m)[2],
+                                             float (&l)[2], Column column, int nheads, int64_t row0, int split,
+                                             int num_splits, void* out, float* lse, float* part_out,
+                                             float* part_lse) {
+  cp_async_wait<0>();
+  __syncthreads();
+  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
+  float* m_s = o_s + kWarps * 16 * D;           // [kWarps][16]
+  float* l_s = m_s + kWarps * 16;               // [kWarps][16]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  float* ow = o_s + warp * 16 * D;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      ow[g * D + column(n, c2 + e)] = o[n][e];
+      ow[(g + 8) * D + column(n, c2 + e)] = o[n][2 + e];
+    }
+  }
+  if ((lane & 3) == 0) {
+    m_s[warp * 16 + g] = m[0];
+    m_s[warp * 16 + g + 8] = m[1];
+    l_s[warp * 16 + g] = l[0];
+    l_s[warp * 16 + g + 8] = l[1];
+  }
+  __syncthreads();
+  store_block_output<T, D, SLICES, MTILES>(o_s, m_s, l_s, nheads, row0, split, num_splits, out, lse, part_out,
+                                           part_lse);
+}
+
 // exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
 __device__ __forceinline__ float weight(float m, float ref) { return m == -INFINITY ? 0.f : exp2f(m - ref); }
 
@@ -332,6 +373,9 @@ inline int plan_splits(int64_t base, int64_t slots, int64_t max_len, int tile, i
   return static_cast<int>(splits);
 }
 
+using MergeLauncher = void (*)(const float* part_out, const float* part_lse, void* out, float* lse, int64_t rows,
+                               int splits, int head_dim, bool has_pdl, cudaStream_t stream);
+
 // Launches the split merge over `rows` (sequence, query head) rows; with PDL its launch latency hides
 // behind the decode grid's tail.
 template <typename T>
@@ -348,6 +392,29 @@ void launch_merge(const float* part_out, const float* part_lse, void* out, float
   config.numAttrs = has_pdl ? 1 : 0;
   KV_CUDA(cudaLaunchKernelEx(&config, merge_splits_kernel<T>, part_out, part_lse, out, lse, splits, head_dim));
   check_launch("merge_splits_kernel");
+}
+
+// Split-K workspace: the splits' partial outputs [rows][splits][D], then their log2-sum-exps
+// [rows][splits] (rows = sequences x query heads).
+inline size_t split_workspace_bytes(int splits, int64_t rows, int head_dim) {
+  return splits <= 1 ? 0 : static_cast<size_t>(splits) * rows * (head_dim + 1) * sizeof(float);
+}
+
+// Launches a decode grid and, when it is split, the merge of its partials. Args is the kernel's
+// argument struct: q, out, lse, num_splits, and part_out / part_lse (set here from the workspace).
+template <typename Args>
+void launch_decode_and_merge(void (*kernel)(Args), MergeLauncher merge, Args a, dim3 grid,
+                             size_t smem, int64_t rows, int head_dim, void* workspace, bool has_pdl,
+                             cudaStream_t stream, const char* name) {
+  if (a.num_splits > 1) {
+    KV_CHECK(workspace != nullptr, Shape, name, " needs ", split_workspace_bytes(a.num_splits, rows, head_dim),
+             " bytes of workspace");
+    a.part_out = static_cast<float*>(workspace);
+    a.part_lse = a.part_out + rows * a.num_splits * head_dim;
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  check_launch(name);
+  if (a.num_splits > 1) merge(a.part_out, a.part_lse, a.out, a.lse, rows, a.num_splits, head_dim, has_pdl, stream);
 }
 
 }  // namespace

@@ -773,44 +773,17 @@ __global__ void __launch_bounds__(kThreads) quant_mma_decode_kernel(const QuantD
     }
   }
 
-  // Merge the warps (all share the one head tile). The ring is free once every copy has landed.
-  cp_async_wait<0>();
-  __syncthreads();
-  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
-  float* m_s = o_s + kWarps * 16 * D;           // [kWarps][16]
-  float* l_s = m_s + kWarps * 16;               // [kWarps][16]
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  {
-    float* ow = o_s + warp * 16 * D;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      // Column 2t + e of tile n is channel (2t + e) * D/8 + n.
-      ow[g * D + (2 * t) * (D / 8) + n] = o[n][0];
-      ow[g * D + (2 * t + 1) * (D / 8) + n] = o[n][1];
-      ow[(g + 8) * D + (2 * t) * (D / 8) + n] = o[n][2];
-      ow[(g + 8) * D + (2 * t + 1) * (D / 8) + n] = o[n][3];
-    }
-    if (t == 0) {
-      m_s[warp * 16 + g] = m[0];
-      m_s[warp * 16 + g + 8] = m[1];
-      l_s[warp * 16 + g] = l[0];
-      l_s[warp * 16 + g + 8] = l[1];
-    }
-  }
-  __syncthreads();
-  store_block_output<T, D, kWarps, 1>(o_s, m_s, l_s, nheads, static_cast<int64_t>(b) * a.num_heads + qh0, split,
-                                      a.num_splits, a.out, a.lse, a.part_out, a.part_lse);
+  // Merge the warps (all share the one head tile). Column 2t + e of tile n is channel (2t + e) * D/8 + n.
+  finish_block<T, D, kWarps, 1>(smem, o, m, l, [](int n, int c) { return c * (D / 8) + n; }, nheads,
+                                static_cast<int64_t>(b) * a.num_heads + qh0, split, a.num_splits, a.out, a.lse,
+                                a.part_out, a.part_lse);
 }
 
 // ---- host side -------------------------------------------------------------------------------
 
 struct KernelChoice {
   void (*decode)(QuantDecodeArgs);
-  void (*merge)(const float*, const float*, void*, float*, int64_t, int, int, bool, cudaStream_t);
+  MergeLauncher merge;
   size_t smem;
   int tile;             // tokens per tile (main kernel) or 0 (small-page kernel: whole pages per split)
   int heads_per_block;  // query heads per block
@@ -872,20 +845,6 @@ Plan make_plan(const QuantDecodeParams& p) {
   const int64_t slots = resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem);
   const int tile = plan.k.tile > 0 ? plan.k.tile : p.kv.page_size;
   plan.splits = plan_splits(base, slots, max_len, tile, 0);
-  if (plan.k.tile > 0 && plan.splits < 8) {
-    // When one split's blocks (nearly) fill the slots, a partly full last wave idles the GPU (512
-    // blocks on 396 slots run as two waves): take the count up to 8 whose waves are fullest.
-    const int64_t tiles = (max_len + tile - 1) / tile;
-    double best = 0.0;
-    int best_splits = plan.splits;
-    for (int s = plan.splits; s <= 8 && s <= tiles; ++s) {
-      if (s > 1 && max_len / s < kMinSplitTokens) break;
-      const int64_t blocks = base * s, waves = (blocks + slots - 1) / slots;
-      const double full = static_cast<double>(blocks) / static_cast<double>(waves * slots);
-      if (full > best + 0.02) best = full, best_splits = s;
-    }
-    plan.splits = best_splits;
-  }
   if (plan.k.tile == 0) {
     const int64_t per_split = (max_pages + plan.splits - 1) / plan.splits;
     plan.pages_per_split = static_cast<int>(per_split);
@@ -895,8 +854,7 @@ Plan make_plan(const QuantDecodeParams& p) {
 }
 
 size_t workspace_bytes(const QuantDecodeParams& p, const Plan& plan) {
-  if (plan.splits <= 1) return 0;
-  return size_t(plan.splits) * p.batch * p.shape.num_q_heads * (p.shape.head_dim + 1) * sizeof(float);
+  return split_workspace_bytes(plan.splits, int64_t(p.batch) * p.shape.num_q_heads, p.shape.head_dim);
 }
 
 }  // namespace
@@ -936,18 +894,9 @@ void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, 
   a.value_groups = p.quant.format == QuantFormat::FP8E4M3 ? 1 : p.quant.groups();
   a.log2_group = floor_log2(p.quant.group_size);
   a.scale_log2 = p.scale * 1.44269504088896340736f;
-  const int64_t rows = int64_t(p.batch) * p.shape.num_q_heads;
-  if (plan.splits > 1) {
-    KV_CHECK(workspace != nullptr, Shape, "quantized decode needs ", workspace_bytes(p, plan), " bytes of workspace");
-    a.part_out = static_cast<float*>(workspace);
-    a.part_lse = a.part_out + rows * plan.splits * p.shape.head_dim;
-  }
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
-  plan.k.decode<<<grid, kThreads, plan.k.smem, stream>>>(a);
-  check_launch("quantized_decode_kernel");
-  if (plan.splits > 1) {
-    plan.k.merge(a.part_out, a.part_lse, p.out, p.lse, rows, plan.splits, p.shape.head_dim, has_pdl, stream);
-  }
+  launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem, int64_t(p.batch) * p.shape.num_q_heads,
+                          p.shape.head_dim, workspace, has_pdl, stream, "quantized decode");
 }
 
 }  // namespace kvflash::cuda
