@@ -1,17 +1,22 @@
 // Paged prefill over a quantized layer (formats in native/core/quant_format.h): prefill.cu's
 // FlashAttention-2 kernel (prefill_tile.cuh: mma.sync m16n8k16, online softmax in f32) with a
-// different way for a K/V tile to reach shared memory. The codes of the tile's quantized rows stream in
-// by cp.async a tile ahead (double-buffered staging, D*bits/8 bytes a row instead of 2D), then the
-// block dequantizes them into the element-type K and V tiles the mma reads: each element is
-// fma(code, scale, min) (fp8: code * scale) in f32, rounded once to the element type, exactly as
-// dequantizePages writes it, so the tiles hold what paged prefill over dequantizePages' output would
-// read. Rows of the last page come from the full-precision tail pool, rows past the sequence are
-// zeros. Nothing bigger than one tile is ever dequantized.
+// different way for a K/V tile to reach shared memory. The codes and statistics of the tile's
+// quantized rows stream in by cp.async while the block works on the previous tile (D*bits/8 bytes a
+// row instead of 2D), then the block dequantizes them into the element-type K and V tiles the mma
+// reads: each element is fma(code, scale, min) (fp8: code * scale) in f32, rounded once to the element
+// type, exactly as dequantizePages writes it, so the tiles hold what paged prefill over
+// dequantizePages' output would read. Rows of the last page come from the full-precision tail pool,
+// rows past the sequence are zeros. Nothing bigger than one tile is ever dequantized.
 //
-// Per K/V tile (last first, as in prefill.cu): barrier (the tile's codes have landed; every warp is
-// done with the previous tile), issue the next tile's codes, dequantize this tile, barrier, then each
-// warp's attend_tile. Statistics (scales, mins) are read from global memory during dequantization: a
-// key statistic serves every row of its page, a value statistic one row.
+// Per K/V tile t (last first, as in prefill.cu): barrier (tile t's staging has landed; every warp is
+// done with the K and V tiles), dequantize tile t, barrier, issue tile t-1's staging, then each warp's
+// attend_tile on tile t while it streams in.
+//
+// Statistics are staged as the aligned 16-byte blocks (8 f16) that hold them: a row's value scale and
+// min blocks (fp8: the page's K and V scale blocks), and for pages of 16 or more rows each 16-row
+// group's key scales and mins; smaller pages read key statistics from global memory. Tensors are
+// whole 512-byte granules of the caching allocator (allocator.cpp), so such a block never leaves its
+// tensor's allocation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,16 +29,19 @@
 namespace kvflash::cuda {
 namespace {
 
-// Tile shapes per head dim: those of prefill.cu (the per-tile work is the same), whose Q, K and V
-// tiles and double-buffered int8 staging fit the 99 KB per block of sm_86/sm_89.
+// Tile shapes per head dim: those of prefill.cu (the per-tile work is the same); with the staging
+// they fit the 99 KB per block of sm_86/sm_89.
 template <int D>
 struct QuantTiles;
 template <> struct QuantTiles<64> { static constexpr int MT = 2, WARPS = 4, BN = 64; static constexpr bool Q_IN_REGS = true; };
 template <> struct QuantTiles<128> { static constexpr int MT = 2, WARPS = 4, BN = 64; static constexpr bool Q_IN_REGS = false; };
 template <> struct QuantTiles<256> { static constexpr int MT = 1, WARPS = 4, BN = 32; static constexpr bool Q_IN_REGS = false; };
 
-// Shared memory of the kernel: Q [BM][D], K and V [BN][D] of the element type, then two stages of K
-// and V codes [BN][ROWB], then the page of each row of two tiles.
+// Shared memory of the kernel (byte offsets): Q [BM][D], K and V [BN][D] of the element type, then one
+// tile's staging: K and V codes [BN][ROWB], row statistics [BN][2][8] f16 (integer formats: the blocks
+// holding the row's value scales and mins; fp8: its page's K and V scales), key statistics [BN/16][2][D]
+// f16 (integer formats, pages of 16 rows or more: each 16-row group's key scales and mins), and last
+// the page of each row of two tiles.
 template <int D, int BITS>
 struct QuantLayout {
   using C = QuantTiles<D>;
@@ -42,8 +50,11 @@ struct QuantLayout {
   static constexpr int ROWB = D * B / 8;          // code bytes of one row (>= 16)
   static constexpr int K_TILE = BM * D * 2;
   static constexpr int V_TILE = K_TILE + BN * D * 2;
-  static constexpr int STAGE = V_TILE + BN * D * 2;  // stage s: K codes at STAGE + s * 2 * BN * ROWB, V after
-  static constexpr int PAGES = STAGE + 2 * 2 * BN * ROWB;
+  static constexpr int K_CODES = V_TILE + BN * D * 2;
+  static constexpr int V_CODES = K_CODES + BN * ROWB;
+  static constexpr int ROW_STATS = V_CODES + BN * ROWB;
+  static constexpr int KEY_STATS = ROW_STATS + BN * 32;
+  static constexpr int PAGES = KEY_STATS + (BITS == 0 ? 0 : BN / 16 * 4 * D);
   static constexpr int SMEM = PAGES + 2 * BN * 4;
 };
 
@@ -81,13 +92,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
   constexpr int kChunks = D / 8;  // 8-channel (16-byte) chunks of an element-type row
   constexpr int ROWB = L::ROWB;
   constexpr int CPR = ROWB / 16;  // 16-byte chunks of a code row
-  static_assert(BN % 16 == 0 && kThreads % kChunks == 0 && (BN * kChunks) % kThreads == 0 && BN <= kThreads,
+  static_assert(BN % 16 == 0 && kThreads % kChunks == 0 && (BN * kChunks) % kThreads == 0 && 2 * BN <= kThreads,
                 "tile loads");
   static_assert(ROWB % 16 == 0, "code rows of whole 16-byte chunks");
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
   int* row_page = reinterpret_cast<int*>(smem + L::PAGES);  // [2][BN]: tile t's rows at (t & 1) * BN
+  const __half* row_stats = reinterpret_cast<const __half*>(smem + L::ROW_STATS);
 
   const int h = blockIdx.x;
   const int b = blockIdx.y;
@@ -97,10 +109,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
   if (q0 >= sq) return;
 
   const int num_heads = p.shape.num_q_heads;
-  const int num_kv_heads = p.shape.num_kv_heads;
-  const int hk = h / (num_heads / num_kv_heads);
+  const int hk = h / (num_heads / p.shape.num_kv_heads);
+  const int64_t hkv = p.shape.num_kv_heads;
   const int log2_page = __ffs(p.kv.page_size) - 1;
   const int page_mask = p.kv.page_size - 1;
+  const bool key_slots = BITS != 0 && p.kv.page_size >= 16;  // 16-row groups lie within one page
   const int32_t* pages = p.kv.indices + p.kv.indptr[b];
   const int npages = p.kv.indptr[b + 1] - p.kv.indptr[b];
   const int qlen = (npages - 1) << log2_page;  // quantized rows; the tail page holds the rest
@@ -109,31 +122,60 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
   const int t_begin = qt.t_begin, t_end = qt.t_end;
   const int tid = threadIdx.x;
   const QuantizedPages& qp = p.quant;
-  const int64_t hkv = num_kv_heads;
+  const int ng = BITS == 0 ? 1 : qp.groups();
+  const __half* k_scale = reinterpret_cast<const __half*>(qp.k_scale);
+  const __half* k_min = reinterpret_cast<const __half*>(qp.k_min);
+  const __half* v_scale = reinterpret_cast<const __half*>(qp.v_scale);
+  const __half* v_min = reinterpret_cast<const __half*>(qp.v_min);
 
   // The page of row r of tile t, for the table row_page; rows past the quantized ones are never read.
   auto page_of = [&](int t, int r) { return t * BN + r < qlen ? pages[(t * BN + r) >> log2_page] : 0; };
-  // Codes of tile t's quantized rows into stage t & 1 (other rows are not staged).
-  auto issue_codes = [&](int t) {
-    unsigned char* stage = smem + L::STAGE + (t & 1) * 2 * BN * ROWB;
+  // Where the statistics block of row j (in page `page`) starts, and the row's place in it: integer
+  // formats, the row's first value group; fp8, its page's (K or V) scale.
+  auto row_stat = [&](int64_t page, int j, int* pick) {
+    const int64_t e = BITS == 0 ? page * hkv + hk : (((page << log2_page) | (j & page_mask)) * hkv + hk) * ng;
+    *pick = static_cast<int>(e & 7);
+    return e & ~int64_t(7);
+  };
+  // Tile t's staging: codes, row statistics and key statistics of its quantized rows.
+  auto issue = [&](int t) {
     const int* tab = row_page + (t & 1) * BN;
     for (int i = tid; i < BN * CPR; i += kThreads) {
       const int r = i / CPR, c = i % CPR;
       const int j = t * BN + r;
       const bool ok = j < qlen;
       const int64_t off = ok ? (((int64_t(tab[r]) << log2_page) | (j & page_mask)) * hkv + hk) * ROWB + c * 16 : 0;
-      cp_async_16(smem_addr(stage + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.k_codes) + off, ok);
-      cp_async_16(smem_addr(stage + BN * ROWB + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.v_codes) + off, ok);
+      cp_async_16(smem_addr(smem + L::K_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.k_codes) + off, ok);
+      cp_async_16(smem_addr(smem + L::V_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.v_codes) + off, ok);
+    }
+    if (tid < 2 * BN) {
+      const int r = tid >> 1, which = tid & 1;  // which: 0 the scales, 1 the mins (fp8: 0 K, 1 V)
+      const int j = t * BN + r;
+      const bool ok = j < qlen;
+      int pick;
+      const int64_t at = ok ? row_stat(tab[r], j, &pick) : 0;
+      const __half* src = BITS == 0 ? (which ? v_scale : k_scale) : (which ? v_min : v_scale);
+      cp_async_16(smem_addr(smem + L::ROW_STATS + tid * 16), src + at, ok);
+    }
+    if (key_slots) {
+      constexpr int SC = D / 8;  // 16-byte chunks of one statistic row
+      for (int i = tid; i < BN / 16 * 2 * SC; i += kThreads) {
+        const int slot = i / (2 * SC), c = i % (2 * SC);
+        const int j = t * BN + slot * 16;
+        const bool ok = j < qlen;
+        const int64_t at = ok ? (tab[slot * 16] * hkv + hk) * D : 0;
+        const __half* src = c < SC ? k_scale + at + c * 8 : k_min + at + (c - SC) * 8;
+        cp_async_16(smem_addr(smem + L::KEY_STATS + slot * 4 * D + c * 16), src, ok);
+      }
     }
   };
   // Tile t's K and V rows, in the element type, into the shared K and V tiles.
   auto dequantize = [&](int t) {
-    const unsigned char* stage = smem + L::STAGE + (t & 1) * 2 * BN * ROWB;
     const int* tab = row_page + (t & 1) * BN;
     const int64_t tail_page = pages[npages - 1];
     const int c = tid % kChunks;  // the thread's channels c * 8 .. c * 8 + 7, in every row it converts
-    const int vgroup = c * 8 / qp.group_size;
-    int held = -1;  // the page whose key statistics ks, km hold (integer formats)
+    const int vgroup = BITS == 0 ? 0 : c * 8 / qp.group_size;
+    int held = -1;  // the page whose key statistics ks, km hold (integer formats, pages under 16 rows)
     float ks[8], km[8];
 #pragma unroll 1
     for (int it = 0; it < BN * kChunks / kThreads; ++it) {
@@ -146,40 +188,46 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
         vw = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.kv.v_pages) + row);
       } else if (j < qlen) {
         const int64_t page = tab[r];
+        int pick;
+        row_stat(page, j, &pick);
+        const float s0 = __half2float(row_stats[r * 16 + pick + vgroup]);
+        const float s1 = __half2float(row_stats[r * 16 + 8 + pick + vgroup]);
         uint32_t kc[8], vc[8];
-        load_codes8<BITS>(stage + r * ROWB, c * 8, kc);
-        load_codes8<BITS>(stage + BN * ROWB + r * ROWB, c * 8, vc);
+        load_codes8<BITS>(smem + L::K_CODES + r * ROWB, c * 8, kc);
+        load_codes8<BITS>(smem + L::V_CODES + r * ROWB, c * 8, vc);
         float k[8], v[8];
-        if constexpr (BITS == 0) {
-          const float kscale = __half2float(reinterpret_cast<const __half*>(qp.k_scale)[page * hkv + hk]);
-          const float vscale = __half2float(reinterpret_cast<const __half*>(qp.v_scale)[page * hkv + hk]);
+        if constexpr (BITS == 0) {  // s0, s1: the K and V scales
 #pragma unroll
           for (int x = 0; x < 8; x += 2) {
             const float2 kf = fp8x2_to_float(kc[x] | (kc[x + 1] << 8));
             const float2 vf = fp8x2_to_float(vc[x] | (vc[x + 1] << 8));
-            k[x] = kf.x * kscale, k[x + 1] = kf.y * kscale;
-            v[x] = vf.x * vscale, v[x + 1] = vf.y * vscale;
+            k[x] = kf.x * s0, k[x + 1] = kf.y * s0;
+            v[x] = vf.x * s1, v[x + 1] = vf.y * s1;
           }
-        } else {
-          if (page != held) {
-            held = static_cast<int>(page);
+        } else {  // s0, s1: the value scale and min
+          uint4 sw, mw;
+          if (key_slots) {
+            const unsigned char* slot = smem + L::KEY_STATS + (r / 16) * 4 * D;
+            sw = *reinterpret_cast<const uint4*>(slot + c * 16);
+            mw = *reinterpret_cast<const uint4*>(slot + 2 * D + c * 16);
+          } else if (page != held) {
             const int64_t at = (page * hkv + hk) * D + c * 8;
-            const uint4 s = *reinterpret_cast<const uint4*>(qp.k_scale + at);
-            const uint4 mn = *reinterpret_cast<const uint4*>(qp.k_min + at);
-            const uint32_t sw[4] = {s.x, s.y, s.z, s.w}, mw[4] = {mn.x, mn.y, mn.z, mn.w};
+            sw = *reinterpret_cast<const uint4*>(k_scale + at);
+            mw = *reinterpret_cast<const uint4*>(k_min + at);
+          }
+          if (key_slots || page != held) {
+            held = static_cast<int>(page);
+            const uint32_t s4[4] = {sw.x, sw.y, sw.z, sw.w}, m4[4] = {mw.x, mw.y, mw.z, mw.w};
 #pragma unroll
             for (int x = 0; x < 4; ++x) {
-              const float2 sf = f16x2_to_float(sw[x]), mf = f16x2_to_float(mw[x]);
+              const float2 sf = f16x2_to_float(s4[x]), mf = f16x2_to_float(m4[x]);
               ks[2 * x] = sf.x, ks[2 * x + 1] = sf.y, km[2 * x] = mf.x, km[2 * x + 1] = mf.y;
             }
           }
-          const int64_t vat = (((page << log2_page) | (j & page_mask)) * hkv + hk) * qp.groups() + vgroup;
-          const float vscale = __half2float(reinterpret_cast<const __half*>(qp.v_scale)[vat]);
-          const float vmin = __half2float(reinterpret_cast<const __half*>(qp.v_min)[vat]);
 #pragma unroll
           for (int x = 0; x < 8; ++x) {
             k[x] = fmaf(code_to_float(kc[x]), ks[x], km[x]);
-            v[x] = fmaf(code_to_float(vc[x]), vscale, vmin);
+            v[x] = fmaf(code_to_float(vc[x]), s0, s1);
           }
         }
         kw = pack8<T>(k);
@@ -200,7 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
       if (t_end > t_begin) row_page[((t_end - 1) & 1) * BN + tid] = page_of(t_end - 1, tid);
     }
     __syncthreads();
-    issue_codes(t_end);
+    issue(t_end);
     cp_async_commit();  // with Q
   }
 
@@ -208,15 +256,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
   const int warp_row = (tid >> 5) * 16 * MT;
 
   for (int t = t_end; t >= t_begin; --t) {
-    cp_async_wait<0>();
-    __syncthreads();  // tile t's codes have landed, and every warp is done with the K and V tiles
-    if (t > t_begin) issue_codes(t - 1);
-    cp_async_commit();
-    // Pages of tile t - 2 go where tile t's were, once its dequantization is done (below); fetched now.
+    // Pages of tile t - 2 go where tile t's were, once its dequantization is done; fetched now.
     const bool refill = t - 2 >= t_begin && tid < BN;
     const int next_page = refill ? page_of(t - 2, tid) : 0;
+    cp_async_wait<0>();
+    __syncthreads();  // tile t's staging has landed, and every warp is done with the K and V tiles
     dequantize(t);
-    __syncthreads();  // the K and V tiles are complete
+    __syncthreads();  // the K and V tiles are complete, and the staging is free
+    if (t > t_begin) issue(t - 1);
+    cp_async_commit();
     if (refill) row_page[(t & 1) * BN + tid] = next_page;
 
     if constexpr (Q_IN_REGS) {
