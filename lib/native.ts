@@ -81,6 +81,10 @@ export interface NativeBinding {
   quantizedPagedDecode(q: TensorHandle, format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,
     kMin: TensorHandle | undefined, vScale: TensorHandle, vMin: TensorHandle | undefined, kTail: TensorHandle, vTail: TensorHandle,
     table: PageTableNativeHandle, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
+  quantizedPagedPrefill(q: TensorHandle, format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,
+    kMin: TensorHandle | undefined, vScale: TensorHandle, vMin: TensorHandle | undefined, kTail: TensorHandle, vTail: TensorHandle,
+    table: PageTableNativeHandle, cuSeqlensQ: Int32Array, causal: boolean, windowLeft: number, scale: number,
+    returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   buildInfo(): BuildInfo;
   memoryStats(device: string): MemoryStats;
   emptyCache(device: string): void;

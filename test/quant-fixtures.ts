@@ -70,11 +70,11 @@ export function quantizedCache(lens: number[], pageSize: number, kvHeads: number
   };
 }
 
-/** The combined f32 CPU pool (dequantized pages, then the tail pages) that `combinedTable` addresses. */
-export async function dequantizedPool(qc: QuantizedCache): Promise<{ kPages: Tensor; vPages: Tensor }> {
+/** The combined CPU pool of `dtype` (dequantized pages, then the tail pages) that `combinedTable` addresses. */
+export async function dequantizedPool(qc: QuantizedCache, dtype: 'f32' | 'bf16' | 'f16' = 'f32'): Promise<{ kPages: Tensor; vPages: Tensor }> {
   const { numPages, pageSize } = qc.cache;
   const all = Int32Array.from({ length: numPages }, (_, i) => i);
-  const deq = ops.dequantizePages(qc.quant, all, 'f32');
+  const deq = ops.dequantizePages(qc.quant, all, dtype);
   const [kq, vq] = [(await deq.k.toArray()) as Float32Array, (await deq.v.toArray()) as Float32Array];
   const [kt, vt] = [(await qc.kTail.toArray()) as Float32Array, (await qc.vTail.toArray()) as Float32Array];
   deq.k.dispose();
@@ -86,7 +86,7 @@ export async function dequantizedPool(qc: QuantizedCache): Promise<{ kPages: Ten
     return out;
   };
   const shape = [numPages + qc.numTail, pageSize, qc.kTail.shape[2]!, qc.kTail.shape[3]!];
-  return { kPages: Tensor.fromArray(join(kq, kt), shape), vPages: Tensor.fromArray(join(vq, vt), shape) };
+  return { kPages: Tensor.fromArray(join(kq, kt), shape, { dtype }), vPages: Tensor.fromArray(join(vq, vt), shape, { dtype }) };
 }
 
 /** Channel d's code of a packed row (LSB first), the JS definition. */

@@ -76,7 +76,7 @@ export class CacheStep {
     return this.#cache.pages(layer);
   }
 
-  /** cache.quantizedPages(layer), for ops.quantizedPagedDecodeAttention with tailPages(layer) and table. */
+  /** cache.quantizedPages(layer), for ops.quantizedPagedDecodeAttention / quantizedPagedPrefillAttention with tailPages(layer) and table. */
   quantizedPages(layer: number): QuantizedKVPages {
     return this.#cache.quantizedPages(layer);
   }

@@ -18,8 +18,8 @@
  * sequence lives in its tail page; when the tail is full and the next token comes, the layer
  * quantizes it (ops.quantizePages) into the quantized page id its slot got when the sequence grew,
  * and writes on from slot 0 of the same tail. The page table (pageTable, stagePageTable,
- * CacheStep.table) is the one ops.quantizedPagedDecodeAttention takes: quantized ids, then the tail
- * id. Quantized pages are never written again, so forks and the prefix cache share them without
+ * CacheStep.table) is the one ops.quantizedPagedDecodeAttention and ops.quantizedPagedPrefillAttention
+ * (chunked prefill, with CacheStep.cuSeqlensQ) take: quantized ids, then the tail id. Quantized pages are never written again, so forks and the prefix cache share them without
  * copies (a fork copies the tail); the policies drop only pages quantized on every layer. Each layer
  * keeps its own count of quantized pages, so layers may still run ahead of each other.
  */
@@ -384,12 +384,12 @@ export class PagedKVCache {
     this.checkLive();
     this.checkLayer(layer);
     if (this.quant) {
-      throw errorAtCaller('E_UNSUPPORTED', `Expected a full-precision PagedKVCache for pages(layer) but this one is quantized (${this.quant.format}): use quantizedPages(layer) and tailPages(layer) with ops.quantizedPagedDecodeAttention`);
+      throw errorAtCaller('E_UNSUPPORTED', `Expected a full-precision PagedKVCache for pages(layer) but this one is quantized (${this.quant.format}): use quantizedPages(layer) and tailPages(layer) with ops.quantizedPagedDecodeAttention or ops.quantizedPagedPrefillAttention`);
     }
     return this.#pools[layer]!;
   }
 
-  /** A quantized cache's quantized pages of `layer`, for ops.quantizedPagedDecodeAttention (with tailPages and the cache's page table). */
+  /** A quantized cache's quantized pages of `layer`, for ops.quantizedPagedDecodeAttention and quantizedPagedPrefillAttention (with tailPages and the cache's page table). */
   quantizedPages(layer: number): QuantizedKVPages {
     return this.quantLayer(layer, 'quantizedPages').quant;
   }

@@ -54,13 +54,15 @@ export interface AttentionResult {
   lse?: Tensor;
 }
 
-function wrapResult(q: Tensor, [out, lse]: [TensorHandle, TensorHandle | undefined]): AttentionResult {
+/** @internal The op's [out, lse?] handles as tensors shaped after q. */
+export function wrapResult(q: Tensor, [out, lse]: [TensorHandle, TensorHandle | undefined]): AttentionResult {
   const result: AttentionResult = { out: new Tensor(out, q.dtype, q.shape, q.device) };
   if (lse) result.lse = new Tensor(lse, 'f32', [q.shape[0]!, q.shape[1]!], q.device);
   return result;
 }
 
-function defaultScale(q: Tensor): number {
+/** @internal 1/sqrt(headDim). */
+export function defaultScale(q: Tensor): number {
   return 1 / Math.sqrt(q.shape[2] ?? 1);
 }
 

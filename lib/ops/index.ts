@@ -2,4 +2,4 @@
 export { appendPagedKV, attentionMass, pagedDecodeAttention, pagedPrefillAttention, prefillAttention } from './attention';
 export { StagedPageTable } from './page-table';
 export { buildQuestMeta, createQuestMeta, questScores, topkPages } from './quest';
-export { createQuantizedPages, dequantizePages, disposeQuantizedPages, quantBits, quantizePages, quantizedPagedDecodeAttention } from './quant';
+export { createQuantizedPages, dequantizePages, disposeQuantizedPages, quantBits, quantizePages, quantizedPagedDecodeAttention, quantizedPagedPrefillAttention } from './quant';

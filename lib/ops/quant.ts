@@ -8,14 +8,15 @@
  *   over groups of `groupSize` channels: vScale, vMin [numPages, P, Hkv, D/groupSize] f16.
  *
  * The last page of every sequence stays in full precision in a tail pool (kTail, vTail [numTail, P, Hkv, D]):
- * in the page table given to `quantizedPagedDecodeAttention`, the last index of each sequence names a tail
- * page and every other index a quantized page. A full tail page is quantized with `quantizePages`.
+ * in the page table given to `quantizedPagedDecodeAttention` and `quantizedPagedPrefillAttention`, the last
+ * index of each sequence names a tail page and every other index a quantized page. A full tail page is quantized with `quantizePages`.
  * NaN inputs quantize as 0 and values beyond ±65504 (infinities too) saturate to ±65504.
  */
 import { callNative, invalid } from '../errors';
 import { native, TensorHandle } from '../native';
 import { DeviceName, Tensor } from '../tensor';
-import type { AttentionResult, DecodeOptions } from './attention';
+import { defaultScale, wrapResult } from './attention';
+import type { AttentionResult, DecodeOptions, PagedPrefillOptions } from './attention';
 import { IntArray, toInt32Array } from './int-arrays';
 import { PageTable, StagedPageTable, withStagedTable } from './page-table';
 
@@ -135,11 +136,26 @@ export function quantizedPagedDecodeAttention(q: Tensor, quant: QuantizedKVPages
   const qh = q.handle();
   const layer = layerHandles(quant);
   const tails = [tail.kTail.handle(), tail.vTail.handle()] as const;
-  const scale = opts.scale ?? 1 / Math.sqrt(q.shape[2] ?? 1);
-  const [out, lse] = withStagedTable(table, q.device, (staged) =>
+  const scale = opts.scale ?? defaultScale(q);
+  const result = withStagedTable(table, q.device, (staged) =>
     callNative(() => native().quantizedPagedDecode(qh, ...layer, ...tails, staged, scale, opts.returnLse ?? false)),
   );
-  const result: AttentionResult = { out: new Tensor(out, q.dtype, q.shape, q.device) };
-  if (lse) result.lse = new Tensor(lse, 'f32', [q.shape[0]!, q.shape[1]!], q.device);
-  return result;
+  return wrapResult(q, result);
+}
+
+/**
+ * Chunked prefill over a quantized layer: queries (ragged by cuSeqlensQ, aligned to the end of their
+ * sequence, which already holds them) attend to their quantized pages and full-precision last page, with
+ * the options of pagedPrefillAttention. The codes are dequantized tile by tile inside the attention loop.
+ */
+export function quantizedPagedPrefillAttention(q: Tensor, quant: QuantizedKVPages, tail: TailPages, table: PageTable | StagedPageTable, opts: PagedPrefillOptions): AttentionResult {
+  const cuQ = toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
+  const qh = q.handle();
+  const layer = layerHandles(quant);
+  const tails = [tail.kTail.handle(), tail.vTail.handle()] as const;
+  const mask = [opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false] as const;
+  const result = withStagedTable(table, q.device, (staged) =>
+    callNative(() => native().quantizedPagedPrefill(qh, ...layer, ...tails, staged, cuQ, ...mask)),
+  );
+  return wrapResult(q, result);
 }

@@ -6,6 +6,7 @@
 
 #include "../core/backend.h"
 #include "args.h"
+#include "attention_functions.h"
 #include "exports.h"
 #include "page_table.h"
 #include "quest_functions.h"
@@ -28,16 +29,6 @@ AttentionShape check_heads(const Tensor& q, int64_t kv_heads, int64_t kv_dim, co
                                            : s.head_dim > 0;
   KV_CHECK(dim_ok, Unsupported, "Expected head dim 64, 128 or 256 on a GPU but received ", s.head_dim);
   return s;
-}
-
-AttentionMask get_mask(const Napi::CallbackInfo& info, int first_arg) {
-  AttentionMask m;
-  m.causal = get_bool(info[first_arg], "causal");
-  m.window_left = static_cast<int>(get_int(info[first_arg + 1], "windowLeft", -1, INT32_MAX));
-  m.scale = static_cast<float>(get_number(info[first_arg + 2], "scale"));
-  KV_CHECK(std::isfinite(m.scale) && m.scale > 0, Range, "Expected a positive finite number for scale but received ",
-           m.scale);
-  return m;
 }
 
 // One layer's page pool and a staged page table over it.
@@ -63,39 +54,6 @@ PagedInputs get_paged(const Napi::CallbackInfo& info, int first_arg, const Tenso
            " but received one staged on ", in.table->device.name());
   in.kv = in.table->bind(in.k_pages.data(), in.v_pages.data(), in.k_pages.size(0), page_size);
   return in;
-}
-
-// [out, lse or undefined]
-Napi::Value results(Napi::Env env, const Tensor& out, const Tensor& lse) {
-  Napi::Array r = Napi::Array::New(env, 2);
-  r.Set(0u, TensorHandle::wrap(env, out));
-  r.Set(1u, lse.defined() ? Napi::Value(TensorHandle::wrap(env, lse)) : env.Undefined());
-  return r;
-}
-
-Tensor lse_tensor(bool wanted, int64_t rows, int heads, const Device& device) {
-  return wanted ? empty({rows, heads}, DType::F32, device) : Tensor();
-}
-
-// The query side both prefills share: the output (and lse) tensors, cuSeqlensQ on the device, and the
-// params fields pointing at them; the tensors live as long as the returned struct.
-struct QueryOutputs {
-  Tensor out, lse, cu_q_dev;
-};
-
-template <typename Params>
-QueryOutputs bind_queries(Params& p, const Tensor& q, const HostInts& cu_q, bool return_lse) {
-  QueryOutputs o;
-  o.out = empty(q.shape(), q.dtype(), q.device());
-  o.lse = lse_tensor(return_lse, q.size(0), p.shape.num_q_heads, q.device());
-  o.cu_q_dev = on_device(cu_q, q.device());
-  p.total_q = static_cast<int>(q.size(0));
-  p.q = q.data();
-  p.out = o.out.data();
-  p.lse = o.lse.defined() ? o.lse.data_as<float>() : nullptr;
-  p.cu_seqlens_q = o.cu_q_dev.data_as<int32_t>();
-  p.cu_seqlens_q_host = cu_q.data;
-  return o;
 }
 
 // prefill(q, k, v, cuSeqlensQ, cuSeqlensK, causal, windowLeft, scale, returnLse) -> [out, lse?]
@@ -148,18 +106,8 @@ Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
   PagedPrefillParams p;
   p.dtype = q.dtype();
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
-  const HostInts cu_q = get_ints(info[4], "cuSeqlensQ");
-  KV_CHECK(cu_q.size == in.table->batch + 1, Shape, "Expected ", in.table->batch + 1,
-           " entries (B+1, from the page table) for cuSeqlensQ but received ", cu_q.size);
-  p.batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &p.max_seqlen_q);
   p.mask = get_mask(info, 5);
-  for (int b = 0; b < p.batch; ++b) {
-    const int sq = cu_q[b + 1] - cu_q[b];
-    const int sk = in.table->seq_len(b, in.kv.page_size);
-    KV_CHECK(!p.mask.causal || sq <= sk, Range, "Expected no more queries than keys for causal sequence ", b,
-             " but received ", sq, " queries and ", sk, " keys");
-    p.max_seqlen_k = std::max(p.max_seqlen_k, sk);
-  }
+  const HostInts cu_q = get_paged_queries(info[4], q, *in.table, in.kv.page_size, &p);
   const Device device = q.device();
   const QueryOutputs o = bind_queries(p, q, cu_q, get_bool(info[8], "returnLse"));
   p.kv = in.kv;
@@ -318,6 +266,43 @@ Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+AttentionMask get_mask(const Napi::CallbackInfo& info, int first_arg) {
+  AttentionMask m;
+  m.causal = get_bool(info[first_arg], "causal");
+  m.window_left = static_cast<int>(get_int(info[first_arg + 1], "windowLeft", -1, INT32_MAX));
+  m.scale = static_cast<float>(get_number(info[first_arg + 2], "scale"));
+  KV_CHECK(std::isfinite(m.scale) && m.scale > 0, Range, "Expected a positive finite number for scale but received ",
+           m.scale);
+  return m;
+}
+
+HostInts get_paged_queries(const Napi::Value& v, const Tensor& q, const StagedPageTable& table, int page_size,
+                           PagedPrefillParams* p) {
+  const HostInts cu_q = get_ints(v, "cuSeqlensQ");
+  KV_CHECK(cu_q.size == table.batch + 1, Shape, "Expected ", table.batch + 1,
+           " entries (B+1, from the page table) for cuSeqlensQ but received ", cu_q.size);
+  p->batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &p->max_seqlen_q);
+  for (int b = 0; b < p->batch; ++b) {
+    const int sq = cu_q[b + 1] - cu_q[b];
+    const int sk = table.seq_len(b, page_size);
+    KV_CHECK(!p->mask.causal || sq <= sk, Range, "Expected no more queries than keys for causal sequence ", b,
+             " but received ", sq, " queries and ", sk, " keys");
+    p->max_seqlen_k = std::max(p->max_seqlen_k, sk);
+  }
+  return cu_q;
+}
+
+Tensor lse_tensor(bool wanted, int64_t rows, int heads, const Device& device) {
+  return wanted ? empty({rows, heads}, DType::F32, device) : Tensor();
+}
+
+Napi::Value results(Napi::Env env, const Tensor& out, const Tensor& lse) {
+  Napi::Array r = Napi::Array::New(env, 2);
+  r.Set(0u, TensorHandle::wrap(env, out));
+  r.Set(1u, lse.defined() ? Napi::Value(TensorHandle::wrap(env, lse)) : env.Undefined());
+  return r;
+}
 
 void export_attention_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("prefill", Napi::Function::New<guarded<prefill>>(env, "prefill"));

@@ -1,6 +1,6 @@
 // Quantized KV-cache ops (native/core/quant_format.h has the formats and layouts): quantizePages,
-// dequantizePages, quantizedPagedDecode. Every shape, dtype, device and index is checked here, on
-// the host, before a kernel runs.
+// dequantizePages, quantizedPagedDecode, quantizedPagedPrefill. Every shape, dtype, device and index is
+// checked here, on the host, before a kernel runs.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -10,6 +10,7 @@
 #include "../core/backend.h"
 #include "../core/quant_format.h"
 #include "args.h"
+#include "attention_functions.h"
 #include "exports.h"
 #include "page_table.h"
 #include "tensor_args.h"
@@ -169,74 +170,108 @@ Napi::Value dequantize_pages(const Napi::CallbackInfo& info) {
   return r;
 }
 
+// A quantized layer at info[first .. first+7], its full-precision tail pool kTail, vTail at info[first+8],
+// info[first+9] and a staged table at info[first+10], checked against q and each other: every index but
+// the last of a sequence names a quantized page, the last a tail page. `op` names the op in messages.
+struct QuantizedKV {
+  std::vector<Tensor> keep;  // the layer's tensors, alive for the call
+  QuantizedPages quant;
+  AttentionShape shape;
+  std::shared_ptr<const StagedPageTable> table;
+  PagedKV kv;  // the table over the tail pool
+};
+
+QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Tensor& q, const char* op) {
+  QuantizedKV in;
+  in.quant = get_quantized(info, first, &in.keep);
+  const Device device = q.device();
+  KV_CHECK(in.keep[0].device() == device, Device, "Expected kCodes on ", device.name(), " like q but received ",
+           in.keep[0].describe());
+  const Tensor& k_tail = get_tensor(info[first + 8], "kTail", 4);
+  const Tensor& v_tail = get_tensor(info[first + 9], "vTail", 4);
+  const int64_t P = in.quant.page_size, Hkv = in.quant.num_kv_heads, D = in.quant.head_dim;
+  check_tensor(k_tail, "kTail", q.dtype(), {k_tail.size(0), P, Hkv, D}, device);
+  check_tensor(v_tail, "vTail", q.dtype(), k_tail.shape(), device);
+  in.shape.num_q_heads = static_cast<int>(q.size(1));
+  in.shape.num_kv_heads = static_cast<int>(Hkv);
+  in.shape.head_dim = static_cast<int>(q.size(2));
+  KV_CHECK(q.size(2) == D, Shape, "Expected head dim ", D, " (from the quantized pages) for q but received ",
+           shape_str(q.shape()));
+  KV_CHECK(q.size(1) > 0 && q.size(1) % Hkv == 0, Shape, "Expected the ", Hkv,
+           " KV heads to divide the query heads of q but received ", shape_str(q.shape()));
+  in.table = PageTableHandle::unwrap(info[first + 10], "table");
+  const StagedPageTable& table = *in.table;
+  KV_CHECK(table.device == device, Device, "Expected a page table staged on ", device.name(),
+           " but received one staged on ", table.device.name());
+  KV_CHECK(table.rows_per_sequence == 1, Unsupported, "Expected a page table with one row per sequence for ", op,
+           " but received one with ", table.rows_per_sequence, " rows per sequence");
+  KV_CHECK(table.indices.size() == static_cast<size_t>(table.indptr.back()), Unsupported,
+           "Expected a page table staged from host indices for ", op,
+           " (its tail pages are checked on the host) but received one selected on the device");
+  const int64_t num_tail = k_tail.size(0);
+  for (int b = 0; b < table.batch; ++b) {
+    const int32_t last = table.indptr[b + 1] - 1;
+    for (int32_t i = table.indptr[b]; i < last; ++i) {
+      KV_CHECK(table.indices[i] < in.quant.num_pages, Range, "Expected indices[", i, "] in [0, ", in.quant.num_pages,
+               ") (the quantized pages of kCodes) but received ", table.indices[i]);
+    }
+    KV_CHECK(table.indices[last] < num_tail, Range, "Expected indices[", last, "] (the last page of sequence ", b,
+             ") in [0, ", num_tail, ") (the full-precision pages of kTail) but received ", table.indices[last]);
+    KV_CHECK(table.last_page_len[b] <= P, Range, "Expected lastPageLen[", b, "] in [1, ", P, "] but received ",
+             table.last_page_len[b]);
+  }
+  in.kv = table.view();
+  in.kv.k_pages = k_tail.data();
+  in.kv.v_pages = v_tail.data();
+  in.kv.num_pages = static_cast<int>(num_tail);
+  in.kv.page_size = static_cast<int>(P);
+  return in;
+}
+
 // quantizedPagedDecode(q, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin, kTail, vTail, table,
 //                      scale, returnLse) -> [out, lse?]
 Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
-  const Device device = q.device();
-  std::vector<Tensor> keep;
-  QuantDecodeParams p;
-  p.quant = get_quantized(info, 1, &keep);
-  KV_CHECK(keep[0].device() == device, Device, "Expected kCodes on ", device.name(), " like q but received ",
-           keep[0].describe());
-  const Tensor& k_tail = get_tensor(info[9], "kTail", 4);
-  const Tensor& v_tail = get_tensor(info[10], "vTail", 4);
-  const int64_t P = p.quant.page_size, Hkv = p.quant.num_kv_heads, D = p.quant.head_dim;
-  check_tensor(k_tail, "kTail", q.dtype(), {k_tail.size(0), P, Hkv, D}, device);
-  check_tensor(v_tail, "vTail", q.dtype(), k_tail.shape(), device);
-  p.dtype = q.dtype();
-  p.shape.num_q_heads = static_cast<int>(q.size(1));
-  p.shape.num_kv_heads = static_cast<int>(Hkv);
-  p.shape.head_dim = static_cast<int>(q.size(2));
-  KV_CHECK(q.size(2) == D, Shape, "Expected head dim ", D, " (from the quantized pages) for q but received ",
-           shape_str(q.shape()));
-  KV_CHECK(q.size(1) > 0 && q.size(1) % Hkv == 0, Shape, "Expected the ", Hkv, " KV heads to divide the query heads of q but received ",
-           shape_str(q.shape()));
-  std::shared_ptr<const StagedPageTable> table = PageTableHandle::unwrap(info[11], "table");
-  KV_CHECK(table->device == device, Device, "Expected a page table staged on ", device.name(),
-           " but received one staged on ", table->device.name());
-  KV_CHECK(table->rows_per_sequence == 1, Unsupported,
-           "Expected a page table with one row per sequence for quantizedPagedDecode but received one with ",
-           table->rows_per_sequence, " rows per sequence");
-  KV_CHECK(table->indices.size() == static_cast<size_t>(table->indptr.back()), Unsupported,
-           "Expected a page table staged from host indices for quantizedPagedDecode (its tail pages are checked on "
-           "the host) but received one selected on the device");
-  KV_CHECK(q.size(0) == table->batch, Shape, "Expected ", table->batch,
+  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedDecode");
+  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
            " rows (one per sequence of the page table) for q but received ", q.size(0));
-  const int64_t num_tail = k_tail.size(0);
-  for (int b = 0; b < table->batch; ++b) {
-    const int32_t last = table->indptr[b + 1] - 1;
-    for (int32_t i = table->indptr[b]; i < last; ++i) {
-      KV_CHECK(table->indices[i] < p.quant.num_pages, Range, "Expected indices[", i, "] in [0, ", p.quant.num_pages,
-               ") (the quantized pages of kCodes) but received ", table->indices[i]);
-    }
-    KV_CHECK(table->indices[last] < num_tail, Range, "Expected indices[", last, "] (the last page of sequence ", b,
-             ") in [0, ", num_tail, ") (the full-precision pages of kTail) but received ", table->indices[last]);
-    KV_CHECK(table->last_page_len[b] <= P, Range, "Expected lastPageLen[", b, "] in [1, ", P, "] but received ",
-             table->last_page_len[b]);
-  }
+  QuantDecodeParams p;
+  p.dtype = q.dtype();
+  p.shape = in.shape;
+  p.quant = in.quant;
+  p.kv = in.kv;
   p.scale = static_cast<float>(get_number(info[12], "scale"));
   KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
            p.scale);
+  const Device device = q.device();
   Tensor out = empty(q.shape(), q.dtype(), device);
-  Tensor lse = get_bool(info[13], "returnLse") ? empty({q.size(0), q.size(1)}, DType::F32, device) : Tensor();
-  p.batch = table->batch;
-  p.max_pages_per_seq = table->max_pages;
+  Tensor lse = lse_tensor(get_bool(info[13], "returnLse"), q.size(0), p.shape.num_q_heads, device);
+  p.batch = in.table->batch;
+  p.max_pages_per_seq = in.table->max_pages;
   p.q = q.data();
   p.out = out.data();
   p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
-  PagedKV& kv = p.kv;
-  kv = table->view();
-  kv.k_pages = k_tail.data();
-  kv.v_pages = v_tail.data();
-  kv.num_pages = static_cast<int>(num_tail);
-  kv.page_size = static_cast<int>(P);
   if (p.batch > 0) backend_for(device).quantized_paged_decode(device, p);
-  Napi::Array r = Napi::Array::New(info.Env(), 2);
-  r.Set(0u, TensorHandle::wrap(info.Env(), out));
-  r.Set(1u, lse.defined() ? Napi::Value(TensorHandle::wrap(info.Env(), lse)) : info.Env().Undefined());
-  return r;
+  return results(info.Env(), out, lse);
+}
+
+// quantizedPagedPrefill(q, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin, kTail, vTail, table,
+//                       cuSeqlensQ, causal, windowLeft, scale, returnLse) -> [out, lse?]
+Napi::Value quantized_paged_prefill(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedPrefill");
+  QuantPrefillParams p;
+  p.dtype = q.dtype();
+  p.shape = in.shape;
+  p.quant = in.quant;
+  p.kv = in.kv;
+  p.mask = get_mask(info, 13);
+  const HostInts cu_q = get_paged_queries(info[12], q, *in.table, p.kv.page_size, &p);
+  const QueryOutputs o = bind_queries(p, q, cu_q, get_bool(info[16], "returnLse"));
+  if (q.size(0) > 0) backend_for(q.device()).quantized_paged_prefill(q.device(), p);
+  return results(info.Env(), o.out, o.lse);
 }
 
 }  // namespace
@@ -245,6 +280,7 @@ void export_quant_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("quantizePages", Napi::Function::New<guarded<quantize_pages>>(env, "quantizePages"));
   exports.Set("dequantizePages", Napi::Function::New<guarded<dequantize_pages>>(env, "dequantizePages"));
   exports.Set("quantizedPagedDecode", Napi::Function::New<guarded<quantized_paged_decode>>(env, "quantizedPagedDecode"));
+  exports.Set("quantizedPagedPrefill", Napi::Function::New<guarded<quantized_paged_prefill>>(env, "quantizedPagedPrefill"));
 }
 
 }  // namespace kvflash::binding

@@ -62,6 +62,7 @@ class Backend {
   virtual void quantize_pages(const Device& device, const QuantizeParams& p) = 0;
   virtual void dequantize_pages(const Device& device, const DequantizeParams& p) = 0;
   virtual void quantized_paged_decode(const Device& device, const QuantDecodeParams& p) = 0;
+  virtual void quantized_paged_prefill(const Device& device, const QuantPrefillParams& p) = 0;
 
   // A timing point after the work queued so far.
   virtual std::shared_ptr<TimedEvent> record_timed(const Device& device) = 0;

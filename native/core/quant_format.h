@@ -40,7 +40,7 @@
 // tiny positive step that covers the rounding of min. No NaN can come out of a quantized page.
 //
 // The full-precision tail (the KIVI residual, aligned to pages): the last page of every sequence is
-// NOT quantized. quantizedPagedDecode takes the table of the whole sequence: indices[indptr[b] ..
+// NOT quantized. quantizedPagedDecode and quantizedPagedPrefill take the table of the whole sequence: indices[indptr[b] ..
 // indptr[b+1] - 2] name quantized pages (< numPages of the codes), and the LAST index of each
 // sequence names a page of a full-precision tail pool kTail, vTail [numTail, P, Hkv, D] (q's dtype,
 // < numTail), holding lastPageLen[b] tokens. Appending writes the tail with appendPagedKV; when a
@@ -134,6 +134,13 @@ struct QuantDecodeParams {
   float* lse = nullptr;  // may be null
   QuantizedPages quant;
   PagedKV kv;
+};
+
+// Paged prefill over a quantized layer: the PagedPrefillParams of a paged prefill (queries ragged by
+// cu_seqlens_q, aligned to the end of their sequence) whose kv pool is the full-precision TAIL pool,
+// as in QuantDecodeParams; every index but the last of a sequence names a page of `quant`.
+struct QuantPrefillParams : PagedPrefillParams {
+  QuantizedPages quant;
 };
 
 // ---- the scalar rules ------------------------------------------------------------------------

@@ -12,13 +12,6 @@
 namespace kvflash::cpu {
 namespace {
 
-// Where the keys and values of one (sequence, KV head) live: row j's D elements.
-struct KeyValueRows {
-  int count = 0;  // keys in the sequence
-  std::function<const void*(int j)> key;
-  std::function<const void*(int j)> value;
-};
-
 // One query row against the keys it may see (positions [first, last]): softmax(scale * q.k) . v.
 // Writes out (D elements of `dtype`) and returns the log-sum-exp, -inf when no key is visible.
 float attend(DType dtype, int head_dim, const void* q, const KeyValueRows& kv, int first, int last, float scale,
@@ -76,7 +69,8 @@ KeyValueRows paged_rows(DType dtype, const AttentionShape& shape, const PagedKV&
   return rows;
 }
 
-// Every query of sequence b (rows q_begin .. q_begin + num_queries) against its keys.
+}  // namespace
+
 void attend_sequence(DType dtype, const AttentionShape& shape, const AttentionMask& mask, const void* q, void* out,
                      float* lse, int q_begin, int num_queries, const std::function<KeyValueRows(int kv_head)>& rows) {
   const int group = shape.num_q_heads / shape.num_kv_heads;
@@ -96,8 +90,6 @@ void attend_sequence(DType dtype, const AttentionShape& shape, const AttentionMa
     }
   }
 }
-
-}  // namespace
 
 void prefill(const PrefillParams& p) {
   const size_t k_row = row_bytes(p.dtype, p.shape.num_kv_heads, p.shape.head_dim);

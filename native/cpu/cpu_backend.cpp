@@ -69,6 +69,7 @@ class CpuBackend final : public Backend {
   void quantize_pages(const Device&, const QuantizeParams& p) override { cpu::quantize_pages(p); }
   void dequantize_pages(const Device&, const DequantizeParams& p) override { cpu::dequantize_pages(p); }
   void quantized_paged_decode(const Device&, const QuantDecodeParams& p) override { cpu::quantized_paged_decode(p); }
+  void quantized_paged_prefill(const Device&, const QuantPrefillParams& p) override { cpu::quantized_paged_prefill(p); }
 
   std::shared_ptr<PendingWork> record(const Device&) override { return nullptr; }
   std::shared_ptr<TimedEvent> record_timed(const Device&) override { return std::make_shared<HostTimedEvent>(); }

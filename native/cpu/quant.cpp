@@ -4,9 +4,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../core/element_access.h"
+#include "attention.h"
 
 namespace kvflash::cpu {
 namespace {
@@ -97,6 +99,48 @@ float value_at(const QuantizedPages& q, int64_t page, int slot, int head, int d)
   return dequantize_int(unpack_code(row, d, q.bits()), f16_bits_to_f32(q.v_scale[at]), f16_bits_to_f32(q.v_min[at]));
 }
 
+// Rows of one (sequence, KV head) of a quantized layer for the shared attention routine: a row of a
+// quantized page comes from a buffer of that page's P rows, dequantized to the op's dtype (as
+// dequantizePages writes them) when a row of the page is first asked for; the last page of the sequence
+// is read from the full-precision tail pool.
+KeyValueRows quantized_rows(const QuantPrefillParams& p, int b, int kv_head) {
+  const QuantizedPages& q = p.quant;
+  const int P = q.page_size, D = q.head_dim;
+  const size_t row_size = dtype_size(p.dtype) * D;
+  const int32_t* pages = p.kv.indices_host + p.kv.indptr_host[b];
+  const int tail = p.kv.indptr_host[b + 1] - p.kv.indptr_host[b] - 1;  // the tail's place in the sequence
+  auto reader = [=, &p](bool keys) {
+    struct PageBuffer {
+      int page = -1;  // place in the sequence of the page held
+      std::vector<char> rows;
+    };
+    auto held = std::make_shared<PageBuffer>();
+    held->rows.resize(P * row_size);
+    return [=, &p](int j) -> const void* {
+      const int i = j / P, slot = j % P;
+      const int64_t page = pages[i];
+      if (i == tail) {
+        const void* pool = keys ? p.kv.k_pages : p.kv.v_pages;
+        return static_cast<const char*>(pool) + ((page * P + slot) * q.num_kv_heads + kv_head) * row_size;
+      }
+      if (held->page != i) {
+        held->page = i;
+        for (int t = 0; t < P; ++t)
+          for (int d = 0; d < D; ++d) {
+            const float x = keys ? key_at(q, page, t, kv_head, d) : value_at(q, page, t, kv_head, d);
+            store_float(p.dtype, held->rows.data(), int64_t(t) * D + d, x);
+          }
+      }
+      return held->rows.data() + slot * row_size;
+    };
+  };
+  KeyValueRows rows;
+  rows.count = tail * P + p.kv.last_page_len_host[b];
+  rows.key = reader(true);
+  rows.value = reader(false);
+  return rows;
+}
+
 }  // namespace
 
 void quantize_pages(const QuantizeParams& p) {
@@ -182,6 +226,14 @@ void quantized_paged_decode(const QuantDecodeParams& p) {
         }
       }
     }
+  }
+}
+
+void quantized_paged_prefill(const QuantPrefillParams& p) {
+  for (int b = 0; b < p.batch; ++b) {
+    const int q_begin = p.cu_seqlens_q_host[b];
+    auto rows = [&](int kv_head) { return quantized_rows(p, b, kv_head); };
+    attend_sequence(p.dtype, p.shape, p.mask, p.q, p.out, p.lse, q_begin, p.cu_seqlens_q_host[b + 1] - q_begin, rows);
   }
 }
 

@@ -164,6 +164,10 @@ class CudaBackend final : public Backend {
     launch_quantized_paged_decode(p, workspace.defined() ? workspace.data() : nullptr, state(device).stream);
   }
 
+  void quantized_paged_prefill(const Device& device, const QuantPrefillParams& p) override {
+    launch_quantized_paged_prefill(p, state(device).stream);
+  }
+
   void quest_update_meta(const Device& device, const QuestMetaParams& p) override {
     launch_quest_update_meta(p, state(device).stream);
   }

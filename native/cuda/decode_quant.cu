@@ -13,6 +13,7 @@
 
 #include "decode_common.cuh"
 #include "quant.h"
+#include "quant_codes.cuh"
 #include "scalar.cuh"
 
 namespace kvflash::cuda {
@@ -84,26 +85,6 @@ __device__ __forceinline__ void load_codes(const uint8_t* row, int lane, uint32_
 #pragma unroll
   for (int c = 0; c < CH; ++c) code[c] = static_cast<uint32_t>(lo >> (shift + c * B)) & ((1u << B) - 1u);
 }
-
-// Two f16 (the low and high halves of w) as floats, by the hardware conversion (exact).
-__device__ __forceinline__ float2 f16x2_to_float(uint32_t w) {
-  __half2 h;
-  memcpy(&h, &w, 4);
-  return __half22float2(h);
-}
-
-// Two e4m3 codes (the low 16 bits of w) as floats: exact through f16, NaN stays NaN, as
-// fp8e4m3_bits_to_f32 defines; one conversion instruction on sm_89 and newer.
-__device__ __forceinline__ float2 fp8x2_to_float(uint32_t w) {
-  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
-  __half2 h;
-  memcpy(&h, &raw, 4);
-  return __half22float2(h);
-}
-
-// Float of a small unsigned integer code without the (quarter-rate) int-to-float unit: the code
-// as the low mantissa bits of 2^23, minus 2^23 (exact).
-__device__ __forceinline__ float code_to_float(uint32_t c) { return __uint_as_float(0x4b000000u | c) - 8388608.f; }
 
 // ---- the CUDA-core kernel for page sizes under 16 (no 16-token step within one page) ------------
 //

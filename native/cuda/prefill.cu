@@ -9,7 +9,8 @@
 // double-buffered: the next tile's K and V stream in during the whole of this tile's work, so the
 // load latency of a tile has an iteration to hide behind. One barrier per tile (K and V land
 // together): between barriers a warp runs QK^T, softmax and PV without waiting for the others, so
-// warps drift apart and one warp's softmax overlaps another's mma.
+// warps drift apart and one warp's softmax overlaps another's mma. What a block does with a tile in
+// shared memory (and the epilogue) lives in prefill_tile.cuh, shared with prefill_quant.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -17,88 +18,10 @@
 #include <cstdint>
 
 #include "prefill.h"
+#include "prefill_tile.cuh"
 
 namespace kvflash::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// A src-size of 0 writes 16 zero bytes and reads nothing: rows past the end become zeros, so
-// masked keys never bring NaN from stale memory into P V.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N of this thread's most recent cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// 2^x as the bare MUFU.EX2: exp2f wraps it in a fix-up for denormal inputs (three more
-// instructions per logit); softmax terms below 2^-126 of the row max are flushed to 0 instead.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// The element type decides the mma flavour and how two floats pack into one A-fragment register.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of rows of D elements.
-template <int D>
-__device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Where key j of one (sequence, kv head) lives. slot(j) is the row index in a [rows, Hkv, D] view of
@@ -163,9 +86,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
   constexpr int kThreads = WARPS * 32;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static_assert(BN % 16 == 0 && D % 16 == 0, "mma tiles are 16 wide");
-  static_assert((BN * kChunks) % kThreads == 0 && (BM * kChunks) % kThreads == 0, "even tile loads");
+  static_assert((BN * kChunks) % kThreads == 0, "even tile loads");
   static_assert(BN <= kThreads, "one thread per key fills the slot table");
-  using E = Elem<T>;
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
@@ -191,28 +113,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
   const int sk = rows.len;
   const int64_t kv_stride = static_cast<int64_t>(num_kv_heads) * D;
   const int64_t kv_head = static_cast<int64_t>(h / (num_heads / num_kv_heads)) * D;
-  const bool causal = p.mask.causal;
-  const int window = p.mask.window_left;
-  // The binding guarantees scale > 0 and finite: the max of the raw logits then scales to the max
-  // of the scaled ones, so the scale folds into the one FFMA before each exp2.
-  const float scale_log2 = p.mask.scale * kLog2e;
-
+  const QueryTile qt = query_tile<BM, BN>(q_start, q0, sq, sk, p.mask);
+  const int t_begin = qt.t_begin, t_end = qt.t_end;
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;  // row within the mma fragment (and g + 8)
-  const int tq = lane & 3;  // column pair within the fragment
-
-  // Positions (in key coordinates) of this tile's first and last real query.
-  const int pos_lo = sk - sq + q0;
-  const int pos_hi = sk - sq + min(q0 + BM, sq) - 1;
-  const int key_hi = causal ? min(sk - 1, pos_hi) : sk - 1;
-  const int key_lo = window >= 0 ? max(0, pos_lo - window) : 0;
-  const int t_begin = key_lo / BN;
-  const int t_end = key_hi >= key_lo ? key_hi / BN : t_begin - 1;
-
-  const T* q = static_cast<const T*>(p.q);
-  const int64_t q_row_stride = static_cast<int64_t>(num_heads) * D;
 
   auto load_kv = [&](uint32_t dst, const T* base, int t) {
     const int* tab = slot_tab + (t & 1) * BN;
@@ -231,25 +134,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
     }
   };
 
-  float o[MT][D / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
-  float m[MT][2];  // running max of the log2-scaled logits of rows g and g + 8 of each slice
-  float l[MT][2];  // this thread's share of the running denominators
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+  float o[MT][D / 8][4], m[MT][2], l[MT][2];
+  init_rows<D, MT>(o, m, l);
 
   if (t_end >= t_begin) {
-#pragma unroll
-    for (int it = 0; it < BM * kChunks / kThreads; ++it) {
-      const int i = tid + it * kThreads;
-      const int r = i / kChunks, c = i % kChunks;
-      const bool ok = q0 + r < sq;
-      const T* src = q + (ok ? (q_start + q0 + r) * q_row_stride + h * D + c * 8 : 0);
-      cp_async_16(sQ + swz<D>(r, c), src, ok);
-    }
+    load_query_tile<T, D, BM, kThreads>(sQ, p.q, qt, h, num_heads);
     if constexpr (Rows::kSlotTable) {
       if (tid < BN) {
         const int j = t_end * BN + tid;
@@ -264,7 +153,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
   }
 
   uint32_t qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? D / 16 : 1][4];
-  const int warp_row = warp * 16 * MT;  // this warp's first row within the block's tile
+  const int warp_row = (tid >> 5) * 16 * MT;  // this warp's first row within the block's tile
 
   // Last tile first: the tiles that need masking (causal diagonal, partial end) come first, when
   // the running max is still being established. Each iteration commits one cp.async group (K and
@@ -272,8 +161,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
   // flight; they had the whole previous iteration to land.
   for (int t = t_end; t >= t_begin; --t) {
     const int n0 = t * BN;
-    const uint32_t k_tile = sK + (t & 1) * kTileBytes;
-    const uint32_t v_tile = sV + (t & 1) * kTileBytes;
     cp_async_wait<0>();
     __syncthreads();  // K(t), V(t) have landed, and every warp is done with K(t+1), V(t+1)
     if (t > t_begin) {
@@ -285,190 +172,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
     if (Rows::kSlotTable && t - 1 > t_begin && tid < BN) next_slot = rows.slot(n0 - 2 * BN + tid);  // < sk
 
     if constexpr (Q_IN_REGS) {
-      if (t == t_end) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk)
-            ldmatrix_x4(qf[mt][kk], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-      }
+      if (t == t_end) load_q_fragments<D, MT>(qf, sQ, warp_row);
     }
-
-    // A warp none of whose rows sees a key of this tile (above the causal diagonal, left of the
-    // window, or past the last query) skips it: its P would be all zeros, leaving m, l and O as
-    // they are. Warp-uniform, and no barrier inside, so the other warps run on meanwhile.
-    const int w_lo = pos_lo + warp_row;  // positions of the warp's first and last real rows
-    const int w_hi = min(w_lo + 16 * MT - 1, pos_hi);
-    const bool live =
-        w_lo <= w_hi && (!causal || n0 <= w_hi) && (window < 0 || n0 + BN - 1 >= w_lo - window);
-    if (live) {
-      // S = Q K^T (unscaled) for this warp's rows and BN keys.
-      float s[MT][BN / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if constexpr (Q_IN_REGS) {
-#pragma unroll
-            for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
-          } else {
-            ldmatrix_x4(a[mt], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-          }
-        }
-#pragma unroll
-        for (int nn = 0; nn < BN / 16; ++nn) {
-          uint32_t bk[4];
-          const int key = nn * 16 + (lane & 7) + ((lane >> 4) << 3);
-          ldmatrix_x4(bk, k_tile + swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            E::mma(s[mt][2 * nn], a[mt], bk[0], bk[1]);
-            E::mma(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
-          }
-        }
-      }
-
-      // Masks are uniform per tile: decide once whether any key of this tile can be out of range.
-      // (Deciding per warp is finer but measured slower: it costs registers in the hot loop.)
-      const bool need_mask = (n0 + BN > sk) || (causal && n0 + BN - 1 > pos_lo) ||
-                             (window >= 0 && n0 < pos_hi - window);
-      if (need_mask) {
-        // Column c = n * 8 + 2 * tq + e of the tile is key n0 + c, visible from position pos iff
-        // lo <= c <= hi. Taking the thread's 2 * tq out of the bounds leaves a constant on the
-        // column side: two compares and a select per logit.
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int pos = pos_lo + warp_row + mt * 16 + g + 8 * half;
-            int hi = sk - 1 - n0;
-            if (causal) hi = min(hi, pos - n0);
-            hi -= 2 * tq;
-            const int lo = (window >= 0 ? pos - window - n0 : 0) - 2 * tq;
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                if (n * 8 + e > hi || n * 8 + e < lo) s[mt][n][2 * half + e] = -INFINITY;
-          }
-      }
-
-      // Online softmax: the quad of 4 lanes (same g) together holds a row's BN logits. m is kept
-      // in scaled log2 units; p = 2^(s * scale_log2 - m) is one FFMA and one MUFU per logit.
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float corr[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mx = fmaxf(m[mt][r], mx * scale_log2);
-          // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-          const float base = mx == -INFINITY ? 0.f : mx;
-          corr[r] = exp2_ftz(m[mt][r] - base);
-          m[mt][r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) {
-            s[mt][n][2 * r] = exp2_ftz(fmaf(s[mt][n][2 * r], scale_log2, -base));
-            s[mt][n][2 * r + 1] = exp2_ftz(fmaf(s[mt][n][2 * r + 1], scale_log2, -base));
-            sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
-          }
-          l[mt][r] = l[mt][r] * corr[r] + sum;
-        }
-        // Once the running max settles, most tiles leave it unchanged for every row of the warp:
-        // skip the D / 2 multiplies then (the vote keeps the branch warp-uniform).
-        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-          for (int n = 0; n < D / 8; ++n) {
-            o[mt][n][0] *= corr[0];
-            o[mt][n][1] *= corr[0];
-            o[mt][n][2] *= corr[1];
-            o[mt][n][3] *= corr[1];
-          }
-        }
-      }
-
-      // P in the element type, as A fragments: the S accumulators of key columns 16kk..16kk+15 are
-      // exactly the A fragment of k-step kk, so P never goes through shared memory.
-      uint32_t pf[MT][BN / 16][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          pf[mt][kk][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          pf[mt][kk][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          pf[mt][kk][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          pf[mt][kk][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-
-      // O += P V.
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-#pragma unroll
-        for (int nn = 0; nn < D / 16; ++nn) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, v_tile + swz<D>(key, nn * 2 + (lane >> 4)));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            E::mma(o[mt][2 * nn], pf[mt][kk], bv[0], bv[1]);
-            E::mma(o[mt][2 * nn + 1], pf[mt][kk], bv[2], bv[3]);
-          }
-        }
-      }
-    }
+    attend_tile<T, D, MT, BN, Q_IN_REGS>(qt, sQ, qf, sK + (t & 1) * kTileBytes, sV + (t & 1) * kTileBytes, n0,
+                                         warp_row, o, m, l);
 
     // Tile t - 2 reuses tile t's half of the table, last read to issue K(t), V(t) before this
     // iteration's barrier; the next iteration's barrier publishes it before K(t-2) is issued.
     if (Rows::kSlotTable && t - 1 > t_begin && tid < BN) slot_tab[(t & 1) * BN + tid] = next_slot;
   }
 
-  // Epilogue: finish the denominators, normalise, and write through this warp's own Q rows in
-  // shared memory (only this warp ever read them) so that global stores are 16 bytes wide.
-  __syncwarp();
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int slice = warp_row + mt * 16;  // first row of this slice within the block's tile
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
-      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
-      inv[r] = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
-      const int i = q0 + slice + g + 8 * r;
-      if (p.lse != nullptr && tq == 0 && i < sq) {
-        p.lse[static_cast<int64_t>(q_start + i) * num_heads + h] =
-            l[mt][r] > 0.f ? (m[mt][r] + log2f(l[mt][r])) * kLn2 : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const uint32_t lo = E::pack(o[mt][n][0] * inv[0], o[mt][n][1] * inv[0]);
-      const uint32_t hi = E::pack(o[mt][n][2] * inv[1], o[mt][n][3] * inv[1]);
-      *reinterpret_cast<uint32_t*>(smem + swz<D>(slice + g, n) + tq * 4) = lo;
-      *reinterpret_cast<uint32_t*>(smem + swz<D>(slice + g + 8, n) + tq * 4) = hi;
-    }
-  }
-  __syncwarp();
-#pragma unroll
-  for (int i = lane; i < 16 * MT * kChunks; i += 32) {
-    const int r = i / kChunks, c = i % kChunks;
-    const int row = q0 + warp_row + r;
-    if (row < sq) {
-      const uint4 v = *reinterpret_cast<const uint4*>(smem + swz<D>(warp_row + r, c));
-      *reinterpret_cast<uint4*>(out + (q_start + row) * q_row_stride + h * D + c * 8) = v;
-    }
-  }
+  store_rows<T, D, MT>(qt, smem, p.out, p.lse, h, num_heads, warp_row, o, m, l);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // Launchers for the quantized KV-cache ops (formats in native/core/quant_format.h): page
-// quantization and dequantization (quant.cu) and the fused quantized paged decode (decode_quant.cu).
+// quantization and dequantization (quant.cu), the fused quantized paged decode (decode_quant.cu) and
+// prefill (prefill_quant.cu).
 #pragma once
 #include <cstddef>
 
@@ -15,5 +16,7 @@ void launch_dequantize_pages(const DequantizeParams& p, cudaStream_t stream);
 // depends only on host-known capacities, like paged_decode_workspace_bytes.
 size_t quantized_decode_workspace_bytes(const QuantDecodeParams& p);
 void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, cudaStream_t stream);
+// Paged prefill over a quantized layer (prefill_quant.cu).
+void launch_quantized_paged_prefill(const QuantPrefillParams& p, cudaStream_t stream);
 
 }  // namespace kvflash::cuda

@@ -6,9 +6,9 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 
-import { EvictionPolicy, PagedKVCache, PagedKVCacheOptions, StreamingLLM } from '../../lib/cache/index';
+import { CacheStep, EvictionPolicy, PagedKVCache, PagedKVCacheOptions, StreamingLLM } from '../../lib/cache/index';
 import { KvflashError, ops, Tensor } from '../../lib/index';
-import type { QuantFormat, QuantizedKVPages } from '../../lib/index';
+import type { PageTable, QuantFormat, QuantizedKVPages, TailPages } from '../../lib/index';
 import { normal, rng } from '../attention-fixtures';
 import { FORMATS } from '../quant-fixtures';
 import { codeOf } from './fixtures';
@@ -40,20 +40,23 @@ function appendTokens(cache: PagedKVCache, seq: number, tokens: readonly number[
   }
 }
 
+type Batch = { seq: number; tokens: number[] }[];
+
+/** The keys or values of a step's new tokens on `layer`: [rows, kvHeads, headDim] in the step's row order. */
+function stepRows(cache: PagedKVCache, step: CacheStep, batch: Batch, layer: number, which: number): Tensor {
+  const parts = batch.map(({ tokens }, b) => tokenRows(cache, tokens, step.positions[step.cuSeqlensQ[b]!]!, layer, which));
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) out.set(p, (at += p.length) - p.length);
+  return Tensor.fromArray(out, [step.slots.length, cache.kvHeads, cache.headDim], { dtype: cache.dtype });
+}
+
 /** Appends to every layer of several sequences at once through beginStep. */
-function appendStep(cache: PagedKVCache, batch: { seq: number; tokens: number[] }[]): void {
+function appendStep(cache: PagedKVCache, batch: Batch): void {
   using step = cache.beginStep(batch.map(({ seq, tokens }) => ({ seq, tokens: tokens.length })));
-  const shape = [step.slots.length, cache.kvHeads, cache.headDim];
   for (let layer = 0; layer < cache.layers; layer++) {
-    const data = (which: number) => {
-      const parts = batch.map(({ tokens }, b) => tokenRows(cache, tokens, step.positions[step.cuSeqlensQ[b]!]!, layer, which));
-      const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
-      let at = 0;
-      for (const p of parts) out.set(p, (at += p.length) - p.length);
-      return out;
-    };
-    using k = Tensor.fromArray(data(KEY), shape, { dtype: cache.dtype });
-    using v = Tensor.fromArray(data(VALUE), shape, { dtype: cache.dtype });
+    using k = stepRows(cache, step, batch, layer, KEY);
+    using v = stepRows(cache, step, batch, layer, VALUE);
     step.append(layer, k, v);
   }
 }
@@ -61,12 +64,14 @@ function appendStep(cache: PagedKVCache, batch: { seq: number; tokens: number[] 
 /** Token id at every absolute position a sequence ever held. */
 type History = Map<number, number[]>;
 
+type Attend = (quant: QuantizedKVPages, tail: TailPages, table: PageTable) => Tensor;
+
 /**
- * The decode over `seqIds` done from scratch: each sequence's pages (by its pageStarts) rebuilt from
- * the token history, its full pages quantized with ops.quantizePages into a fresh pool, its last page
- * in a fresh tail pool, and ops.quantizedPagedDecodeAttention over them.
+ * The attention `attend` runs over `seqIds` done from scratch: each sequence's pages (by its pageStarts)
+ * rebuilt from the token history, its full pages quantized with ops.quantizePages into a fresh pool,
+ * its last page in a fresh tail pool, and `attend` over them (its output's bytes).
  */
-async function referenceDecode(cache: PagedKVCache, history: History, seqIds: number[], layer: number, q: Tensor): Promise<Uint8Array> {
+async function referenceAttention(cache: PagedKVCache, history: History, seqIds: number[], layer: number, attend: Attend): Promise<Uint8Array> {
   const { pageSize: P, kvHeads, headDim } = cache;
   const row = kvHeads * headDim;
   const pageRows = P * row;
@@ -104,12 +109,16 @@ async function referenceDecode(cache: PagedKVCache, history: History, seqIds: nu
   try {
     const all = Int32Array.from({ length: full }, (_, i) => i);
     ops.quantizePages({ kSrc, vSrc, srcPages: all, dstPages: all }, quant);
-    const { out } = ops.quantizedPagedDecodeAttention(q, quant, { kTail: kT, vTail: vT }, { indptr, indices, lastPageLen });
-    using _out = out;
+    using out = attend(quant, { kTail: kT, vTail: vT }, { indptr, indices, lastPageLen });
     return await out.bytes();
   } finally {
     ops.disposeQuantizedPages(quant);
   }
+}
+
+/** referenceAttention of the quantized decode of q. */
+function referenceDecode(cache: PagedKVCache, history: History, seqIds: number[], layer: number, q: Tensor): Promise<Uint8Array> {
+  return referenceAttention(cache, history, seqIds, layer, (quant, tail, table) => ops.quantizedPagedDecodeAttention(q, quant, tail, table).out);
 }
 
 async function cacheDecode(cache: PagedKVCache, seqIds: number[], layer: number, q: Tensor): Promise<Uint8Array> {
@@ -206,6 +215,46 @@ describe('PagedKVCache with quantized pages', () => {
       expect(await step.table.toArrays()).toEqual(cache.pageTable(seqs));
       const table = cache.pageTable(seqs);
       seqs.forEach((seq, b) => expect(table.indices[table.indptr[b + 1]! - 1]).toBe(cache.info(seq).tail));
+    });
+  }
+
+  for (const format of FORMATS) {
+    it(`${format}: chunked prefill through beginStep attends to the quantized prefix and the tail, and is close to full precision`, async () => {
+      using cache = quantCache(format);
+      using plain = new PagedKVCache({ layers: 2, numPages: 24, pageSize: 4, kvHeads: 2, headDim: 32, dtype: 'f32' });
+      const history: History = new Map();
+      const seqs = [cache.addSequence(), cache.addSequence(), cache.addSequence()];
+      const plainSeqs = seqs.map(() => plain.addSequence());
+      seqs.forEach((seq) => history.set(seq, []));
+      // Chunks within a page, across several pages, ending on a page boundary (a full tail), one token.
+      const chunks = [[7, 3, 4], [6, 9, 1], [1, 4, 3], [9, 2, 8]];
+      let token = 1;
+      for (const [c, sizes] of chunks.entries()) {
+        const batch = seqs.map((seq, b) => ({ seq, tokens: range(token, (token += sizes[b]!)) }));
+        const plainBatch = batch.map(({ tokens }, b) => ({ seq: plainSeqs[b]!, tokens }));
+        for (const { seq, tokens } of batch) history.get(seq)!.push(...tokens);
+        using step = cache.beginStep(batch.map(({ seq, tokens }) => ({ seq, tokens: tokens.length })));
+        using plainStep = plain.beginStep(plainBatch.map(({ seq, tokens }) => ({ seq, tokens: tokens.length })));
+        for (let layer = 0; layer < cache.layers; layer++) {
+          for (const [s, b] of [[step, batch], [plainStep, plainBatch]] as const) {
+            using k = stepRows(cache, s, b, layer, KEY);
+            using v = stepRows(cache, s, b, layer, VALUE);
+            s.append(layer, k, v);
+          }
+          using q = query(cache, step.slots.length, 100 * c + layer);
+          const opts = { cuSeqlensQ: step.cuSeqlensQ, returnLse: true };
+          const { out, lse } = ops.quantizedPagedPrefillAttention(q, step.quantizedPages(layer), step.tailPages(layer), step.table, opts);
+          using _lse = lse;
+          using _out = out;
+          const got = await out.bytes();
+          expect(got).toEqual(await referenceAttention(cache, history, seqs, layer, (quant, tail, table) => ops.quantizedPagedPrefillAttention(q, quant, tail, table, opts).out));
+          const full = ops.pagedPrefillAttention(q, plainStep.pages(layer), plainStep.table, opts);
+          using _full = full.out;
+          using _fullLse = full.lse;
+          expect(relativeError(got, await full.out.bytes())).toBeLessThan(EXPECTED_ERROR[format]);
+        }
+      }
+      expect(seqs.map((s) => cache.info(s).length)).toEqual([23, 18, 16]);
     });
   }
 

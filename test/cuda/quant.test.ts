@@ -1,11 +1,13 @@
 // GPU suite for the quantized KV cache: quantize and dequantize kernels byte for byte against the CPU
-// reference, and the fused quantized decode against the CPU reference (which dequantizes each row
-// first) within bf16/f16 rounding, over formats, head dims, page sizes, GQA ratios and split counts.
+// reference, and the fused quantized decode and prefill against the CPU references (which dequantize
+// first) within bf16/f16 rounding, over formats, head dims, page sizes, GQA ratios, split counts and
+// masks; the GPU-only input checks.
 import { describe, expect, it } from 'vitest';
 
 import { ops, Tensor } from '../../lib/index';
 import type { QuantizedKVPages } from '../../lib/index';
-import { maxAbsDiff, normal, pagedCache, rng } from '../attention-fixtures';
+import { maxAbsDiff, normal, offsets, pagedCache, rng } from '../attention-fixtures';
+import { codeOf } from '../cache/fixtures';
 import { FORMATS, quantizedCache } from '../quant-fixtures';
 
 const device = 'cuda:0' as const;
@@ -92,3 +94,67 @@ describe('quantizedPagedDecodeAttention on CUDA', () => {
   }
 });
 
+
+describe('quantizedPagedPrefillAttention on CUDA', () => {
+  // Several K/V tiles and query tiles per sequence, tails partial and full, one-page sequences, Sq < Sk.
+  const layouts = [
+    { pageSize: 1, lens: [1, 5, 33], qLens: [1, 5, 9] },
+    { pageSize: 16, lens: [1, 16, 17, 300], qLens: [1, 16, 3, 77] },
+    { pageSize: 64, lens: [64, 65, 300], qLens: [64, 1, 129] },
+    { pageSize: 256, lens: [3, 256, 700], qLens: [3, 100, 65] },
+  ];
+  const masks = [
+    { causal: true, windowLeft: -1 },
+    { causal: true, windowLeft: 40 },
+    { causal: false, windowLeft: -1 },
+  ];
+  let seed = 900;
+  for (const [fi, format] of FORMATS.entries()) {
+    for (const [li, { pageSize, lens, qLens }] of layouts.entries()) {
+      for (const dim of [64, 128, 256]) {
+        const ratio = [1, 4, 8, 16][(li + dim / 64 + fi) % 4]!;
+        const dtype = (li + dim / 64 + fi) % 2 ? 'f16' : 'bf16';
+        const groupSize = format === 'fp8e4m3' ? 32 : [32, 64][(li + fi) % 2]!;
+        const mask = masks[(li + dim / 64 + fi) % 3]!;
+        it(`${format} P=${pageSize} D=${dim} H/Hkv=${ratio} ${dtype} G=${groupSize} causal=${mask.causal} window=${mask.windowLeft}: matches the CPU reference`, async () => {
+          const random = rng(seed++);
+          const kvHeads = 2, heads = kvHeads * ratio;
+          const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+          const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device }, cache);
+          const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device: 'cpu' }, cache);
+          const cuSeqlensQ = offsets(qLens);
+          const nq = cuSeqlensQ.at(-1)!;
+          const qData = normal(nq * heads * dim, random);
+          using q = Tensor.fromArray(qData, [nq, heads, dim], { dtype, device });
+          using qc = Tensor.fromArray(qData, [nq, heads, dim], { dtype });
+          const opts = { cuSeqlensQ, ...mask, returnLse: true };
+          const got = ops.quantizedPagedPrefillAttention(q, gpu.quant, gpu, gpu.table, opts);
+          const want = ops.quantizedPagedPrefillAttention(qc, cpu.quant, cpu, cpu.table, opts);
+          expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array), 'out').toBeLessThan(2e-2);
+          expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array), 'lse').toBeLessThan(1e-3);
+          for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
+          gpu.dispose();
+          cpu.dispose();
+        });
+      }
+    }
+  }
+
+  it('refuses f32, unsupported head dims and mixed devices', () => {
+    const random = rng(950);
+    const qc = quantizedCache([5, 9], 4, 2, 64, random, { format: 'int4', dtype: 'bf16', device });
+    const opts = { cuSeqlensQ: [0, 2, 6] };
+    using q = Tensor.zeros([6, 4, 64], { dtype: 'bf16', device });
+    expect(codeOf(() => ops.quantizedPagedPrefillAttention(q, qc.quant, qc, qc.table, opts).out.dispose())).toBeUndefined();
+    using q32 = Tensor.zeros([6, 4, 64], { device });
+    expect(codeOf(() => ops.quantizedPagedPrefillAttention(q32, qc.quant, qc, qc.table, opts))).toBe('E_DTYPE');
+    using qHost = Tensor.zeros([6, 4, 64], { dtype: 'bf16' });
+    expect(codeOf(() => ops.quantizedPagedPrefillAttention(qHost, qc.quant, qc, qc.table, opts))).toBe('E_DEVICE');
+    const wide = ops.createQuantizedPages(4, 4, 2, 96, { format: 'int8', device });
+    using q96 = Tensor.zeros([6, 4, 96], { dtype: 'bf16', device });
+    using tail96 = Tensor.zeros([4, 4, 2, 96], { dtype: 'bf16', device });
+    expect(codeOf(() => ops.quantizedPagedPrefillAttention(q96, wide, { kTail: tail96, vTail: tail96 }, qc.table, opts))).toBe('E_UNSUPPORTED');
+    ops.disposeQuantizedPages(wide);
+    qc.dispose();
+  });
+});

@@ -4,8 +4,8 @@
 import { describe, expect, it } from 'vitest';
 
 import { KvflashError, ops, Tensor } from '../../lib/index';
-import type { QuantFormat, QuantizedKVPages } from '../../lib/index';
-import { maxAbsDiff, normal, rng } from '../attention-fixtures';
+import type { PagedPrefillOptions, QuantFormat, QuantizedKVPages, TailPages } from '../../lib/index';
+import { maxAbsDiff, normal, offsets, rng } from '../attention-fixtures';
 import { dequantizedPool, FORMATS, quantizedCache, unpackCode } from '../quant-fixtures';
 
 const INT_FORMATS: QuantFormat[] = ['int8', 'int4', 'int2'];
@@ -213,6 +213,49 @@ describe('quantizedPagedDecodeAttention (CPU reference)', () => {
   }
 });
 
+describe('quantizedPagedPrefillAttention (CPU reference)', () => {
+  // Odd lengths, one-token sequences, partial tails, sequences whose only page is the tail, Sq < Sk and
+  // Sq = Sk, a sequence with no queries; causal, windowed and non-causal masks; GQA and not.
+  const cases = [
+    { dtype: 'f32', pageSize: 4, lens: [1, 4, 5, 17, 9], qLens: [1, 2, 5, 3, 0], heads: 8, kvHeads: 2, dim: 32, groupSize: 32, causal: true, windowLeft: -1 },
+    { dtype: 'bf16', pageSize: 16, lens: [16, 1, 33, 70], qLens: [16, 1, 7, 70], heads: 4, kvHeads: 4, dim: 64, groupSize: 64, causal: true, windowLeft: 5 },
+    { dtype: 'f16', pageSize: 1, lens: [3, 1, 6], qLens: [2, 1, 6], heads: 6, kvHeads: 3, dim: 32, groupSize: 32, causal: false, windowLeft: -1 },
+  ] as const;
+  let seed = 60;
+  for (const format of FORMATS) {
+    for (const c of cases) {
+      it(`${format} ${c.dtype} P=${c.pageSize} H/Hkv=${c.heads / c.kvHeads} causal=${c.causal} window=${c.windowLeft}: equals pagedPrefillAttention over the dequantized pages bit for bit`, async () => {
+        const random = rng(seed++);
+        const qc = quantizedCache([...c.lens], c.pageSize, c.kvHeads, c.dim, random, { format, groupSize: c.groupSize, dtype: c.dtype, device: 'cpu' });
+        const cuSeqlensQ = offsets(c.qLens);
+        const nq = cuSeqlensQ.at(-1)!;
+        using q = Tensor.fromArray(normal(nq * c.heads * c.dim, random), [nq, c.heads, c.dim], { dtype: c.dtype });
+        const opts = { cuSeqlensQ, causal: c.causal, windowLeft: c.windowLeft, returnLse: true };
+        const got = ops.quantizedPagedPrefillAttention(q, qc.quant, qc, qc.table, opts);
+        const pool = await dequantizedPool(qc, c.dtype);
+        const want = ops.pagedPrefillAttention(q, pool, qc.combinedTable, opts);
+        expect(await got.out.bytes()).toEqual(await want.out.bytes());
+        expect(await got.lse!.bytes()).toEqual(await want.lse!.bytes());
+        for (const t of [got.out, got.lse, want.out, want.lse, pool.kPages, pool.vPages]) t?.dispose();
+        qc.dispose();
+      });
+    }
+  }
+
+  it('one query per sequence at its end is the quantized decode', async () => {
+    const random = rng(77);
+    const lens = [1, 4, 5, 23];
+    const qc = quantizedCache(lens, 4, 2, 32, random, { format: 'int4', dtype: 'f32', device: 'cpu' });
+    using q = Tensor.fromArray(normal(lens.length * 4 * 32, random), [lens.length, 4, 32]);
+    const prefill = ops.quantizedPagedPrefillAttention(q, qc.quant, qc, qc.table, { cuSeqlensQ: offsets(lens.map(() => 1)), returnLse: true });
+    const decode = ops.quantizedPagedDecodeAttention(q, qc.quant, qc, qc.table, { returnLse: true });
+    expect(maxAbsDiff((await prefill.out.toArray()) as Float32Array, (await decode.out.toArray()) as Float32Array)).toBeLessThan(1e-6);
+    expect(maxAbsDiff((await prefill.lse!.toArray()) as Float32Array, (await decode.lse!.toArray()) as Float32Array)).toBeLessThan(1e-6);
+    for (const t of [prefill.out, prefill.lse, decode.out, decode.lse]) t?.dispose();
+    qc.dispose();
+  });
+});
+
 describe('quantized ops refuse bad input', () => {
   const expectCode = (f: () => unknown, code: string) => {
     try {
@@ -249,6 +292,45 @@ describe('quantized ops refuse bad input', () => {
     expectCode(() => ops.quantizePages({ kSrc: wrong, vSrc: wrong, srcPages: [0], dstPages: [0] }, qc.quant), 'E_SHAPE');
     expectCode(() => ops.dequantizePages(qc.quant, [qc.cache.numPages]), 'E_RANGE');
     expectCode(() => ops.createQuantizedPages(1, 4, 1, 48, { format: 'int4', groupSize: 32 }), 'E_SHAPE');
+    qc.dispose();
+  });
+
+  it('checks the quantized prefill like the paged prefill and the quantized decode', () => {
+    const random = rng(6);
+    const qc = quantizedCache([5, 9], 4, 2, 64, random, { format: 'int8', dtype: 'f32', device: 'cpu' });
+    using q = Tensor.fromArray(normal(6 * 4 * 64, random), [6, 4, 64]);
+    const prefill = (opts: Partial<PagedPrefillOptions> = {}, quant = qc.quant, table = qc.table, tail: TailPages = qc) =>
+      ops.quantizedPagedPrefillAttention(q, quant, tail, table, { cuSeqlensQ: [0, 2, 6], ...opts });
+    expectCode(() => prefill({}, { ...qc.quant, format: 'int5' as QuantFormat }), 'E_RANGE');
+    expectCode(() => prefill({}, { ...qc.quant, vMin: qc.quant.kMin }), 'E_SHAPE');
+    using q32 = Tensor.zeros([6, 4, 32]);
+    expectCode(() => ops.quantizedPagedPrefillAttention(q32, qc.quant, qc, qc.table, { cuSeqlensQ: [0, 2, 6] }), 'E_SHAPE');
+    using q3 = Tensor.zeros([6, 3, 64]);
+    expectCode(() => ops.quantizedPagedPrefillAttention(q3, qc.quant, qc, qc.table, { cuSeqlensQ: [0, 2, 6] }), 'E_SHAPE');
+    using qb = Tensor.zeros([6, 4, 64], { dtype: 'bf16' });
+    expectCode(() => ops.quantizedPagedPrefillAttention(qb, qc.quant, qc, qc.table, { cuSeqlensQ: [0, 2, 6] }), 'E_DTYPE'); // the tail is f32
+    using qi = Tensor.zeros([6, 4, 64], { dtype: 'i32' });
+    expectCode(() => ops.quantizedPagedPrefillAttention(qi, qc.quant, qc, qc.table, { cuSeqlensQ: [0, 2, 6] }), 'E_DTYPE');
+    using vTail = Tensor.zeros([qc.numTail, 4, 2, 32]);
+    expectCode(() => prefill({}, qc.quant, qc.table, { kTail: qc.kTail, vTail }), 'E_SHAPE');
+    const badTail = { ...qc.table, indices: Int32Array.from(qc.table.indices) };
+    const last = qc.table.indptr[2]! - 1;
+    badTail.indices[last] = qc.numTail;
+    const tailMessage = `Expected indices[${last}] (the last page of sequence 1) in [0, ${qc.numTail}) (the full-precision pages of kTail) but received ${qc.numTail}`;
+    expect(() => prefill({}, qc.quant, badTail)).toThrow(expect.objectContaining({ code: 'E_RANGE', message: tailMessage }));
+    const badQ = { ...qc.table, indices: Int32Array.from(qc.table.indices) };
+    badQ.indices[0] = qc.cache.numPages;
+    expectCode(() => prefill({}, qc.quant, badQ), 'E_RANGE');
+    expectCode(() => prefill({ cuSeqlensQ: [0, 6] }), 'E_SHAPE');
+    const end = 'Expected cuSeqlensQ to end at 6 (the rows of q) but received 5';
+    expect(() => prefill({ cuSeqlensQ: [0, 2, 5] })).toThrow(expect.objectContaining({ code: 'E_RANGE', message: end }));
+    const causal = 'Expected no more queries than keys for causal sequence 0 but received 6 queries and 5 keys';
+    expect(() => prefill({ cuSeqlensQ: [0, 6, 6] })).toThrow(expect.objectContaining({ code: 'E_RANGE', message: causal }));
+    const { out } = prefill({ cuSeqlensQ: [0, 6, 6], causal: false });
+    out.dispose();
+    expectCode(() => prefill({ windowLeft: -2 }), 'E_RANGE');
+    expectCode(() => prefill({ scale: 0 }), 'E_RANGE');
+    expectCode(() => prefill({ cuSeqlensQ: [0, 2.5, 6] as never }), 'E_RANGE');
     qc.dispose();
   });
 });
