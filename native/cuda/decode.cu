@@ -59,10 +59,10 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
   const int b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched early (programmatic): nothing above reads memory.
+  wait_for_previous_grid();
   // Lets the merge grid launch now and wait on-device (it still sees all of this grid's writes).
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  launch_dependents();
   const int table_row = a.rows_per_sequence == 1 ? b : b * a.rows_per_sequence + hk;
   const int page_begin = a.indptr[table_row];
   const int npages = a.indptr[table_row + 1] - page_begin;

@@ -15,6 +15,7 @@
 
 #include "../core/errors.h"
 #include "context.h"
+#include "pdl.cuh"
 
 namespace kvflash::cuda {
 namespace {
@@ -257,10 +258,8 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* par
                                                                 void* out, float* lse, int splits, int head_dim) {
   constexpr int kBatch = 8;  // partial rows one warp has in flight
   __shared__ float4 warp_partial[kWarps][256 / 4];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  wait_for_previous_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = blockIdx.x;
   const float* pl = part_lse + row * splits;
@@ -381,16 +380,8 @@ using MergeLauncher = void (*)(const float* part_out, const float* part_lse, voi
 template <typename T>
 void launch_merge(const float* part_out, const float* part_lse, void* out, float* lse, int64_t rows, int splits,
                   int head_dim, bool has_pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(rows));
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attr;
-  config.numAttrs = has_pdl ? 1 : 0;
-  KV_CUDA(cudaLaunchKernelEx(&config, merge_splits_kernel<T>, part_out, part_lse, out, lse, splits, head_dim));
+  launch_programmatic(merge_splits_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, has_pdl, stream,
+                      part_out, part_lse, out, lse, splits, head_dim);
   check_launch("merge_splits_kernel");
 }
 
@@ -412,7 +403,8 @@ void launch_decode_and_merge(void (*kernel)(Args), MergeLauncher merge, Args a, 
     a.part_out = static_cast<float*>(workspace);
     a.part_lse = a.part_out + rows * a.num_splits * head_dim;
   }
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  // Early, so the blocks are resident when the previous grid (Quest's top-k, say) ends.
+  launch_programmatic(kernel, grid, dim3(kThreads), smem, has_pdl, stream, a);
   check_launch(name);
   if (a.num_splits > 1) merge(a.part_out, a.part_lse, a.out, a.lse, rows, a.num_splits, head_dim, has_pdl, stream);
 }

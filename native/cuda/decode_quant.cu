@@ -106,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
   __shared__ __align__(16) float o_s[kWarps][kHeads][D];
   __shared__ __align__(16) float p_s[kWarps][kHeads][32];
   __shared__ float m_s[kWarps][kHeads], l_s[kWarps][kHeads];
+  wait_for_previous_grid();  // launched early (programmatic): nothing is read before this
 
   const int hk = blockIdx.x / a.head_chunks;
   const int head0 = (blockIdx.x % a.head_chunks) * kHeads;
@@ -419,9 +420,8 @@ __global__ void __launch_bounds__(kThreads) quant_mma_decode_kernel(const QuantD
   const int split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  wait_for_previous_grid();  // launched early (programmatic): nothing above reads memory
+  launch_dependents();
   const int nheads = min(16, a.group - head0);
   const int qh0 = hk * a.group + head0;
 

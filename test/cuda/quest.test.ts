@@ -79,24 +79,34 @@ describe('Quest on CUDA', () => {
     for (const t of [gpu.out, gpu.lse!, cpu.out, cpu.lse!, sparse.out, sparse.lse!, dense.out, dense.lse!]) t.dispose();
   });
 
-  it('selects the same pages as the CPU sort, ties and long rows included', async () => {
-    const random = rng(600);
-    const kvHeads = 8;
-    const lengths = [3, 2048, 8192, 5000, 1, 12000]; // the last row is too long to stage its keys in shared memory
-    const cache = pagedCache(lengths, 1, 1, 1, random, 0);
-    const scores = new Float32Array(cache.indices.length * kvHeads);
-    for (let i = 0; i < scores.length; i++) scores[i] = i % 5 === 0 ? 1 : Math.round(normal(1, random)[0]! * 100) / 10; // many ties
-    using sc = Tensor.fromArray(scores, [cache.indices.length, kvHeads]);
-    using sg = sc.to(device);
-    using tableC = new ops.StagedPageTable(cache, 'cpu');
-    using tableG = new ops.StagedPageTable(cache, device);
-    for (const budget of [1, 2, 64, 1024, 4096, 9000, 11000]) {
-      using c = ops.topkPages(sc, tableC, budget);
-      using g = ops.topkPages(sg, tableG, budget);
-      const [ac, ag] = [await c.toArrays(), await g.toArrays()];
-      expect([...ag.indptr]).toEqual([...ac.indptr]);
-      expect(Buffer.from(ag.indices.buffer).equals(Buffer.from(ac.indices.buffer)), `budget ${budget}`).toBe(true);
-      expect([...ag.lastPageLen]).toEqual([...ac.lastPageLen]);
+  // Scores with many ties; all equal; or signed, with both zeros and both infinities.
+  const scoreKinds: Record<string, (i: number, random: () => number) => number> = {
+    ties: (i, random) => (i % 5 === 0 ? 1 : Math.round(normal(1, random)[0]! * 100) / 10),
+    equal: () => 3.5,
+    signed: (_, random) => [0, -0, -Infinity, Infinity][Math.floor(random() * 8)] ?? normal(1, random)[0]! * 1000,
+  };
+  for (const [kind, score] of Object.entries(scoreKinds)) {
+    // The 12000-page row is too long to stage in shared memory; the second table stages every row.
+    for (const lengths of [[3, 2048, 8192, 5000, 1, 12000], [2, 700, 8192, 1, 300]]) {
+      it(`selects the same pages as the CPU sort (${kind} scores, longest row ${Math.max(...lengths)} pages)`, async () => {
+        const random = rng(600);
+        const kvHeads = 8;
+        const cache = pagedCache(lengths, 1, 1, 1, random, 0);
+        const scores = new Float32Array(cache.indices.length * kvHeads);
+        for (let i = 0; i < scores.length; i++) scores[i] = score(i, random);
+        using sc = Tensor.fromArray(scores, [cache.indices.length, kvHeads]);
+        using sg = sc.to(device);
+        using tableC = new ops.StagedPageTable(cache, 'cpu');
+        using tableG = new ops.StagedPageTable(cache, device);
+        for (const budget of [1, 2, 3, 64, 299, 1024, 4096, 8191, 9000, 11000]) {
+          using c = ops.topkPages(sc, tableC, budget);
+          using g = ops.topkPages(sg, tableG, budget);
+          const [ac, ag] = [await c.toArrays(), await g.toArrays()];
+          expect([...ag.indptr]).toEqual([...ac.indptr]);
+          expect(Buffer.from(ag.indices.buffer).equals(Buffer.from(ac.indices.buffer)), `budget ${budget}`).toBe(true);
+          expect([...ag.lastPageLen]).toEqual([...ac.lastPageLen]);
+        }
+      });
     }
-  });
+  }
 });
