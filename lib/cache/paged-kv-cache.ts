@@ -35,6 +35,7 @@ import { EvictionPolicy, ObservationScores, SequenceView } from './policies/poli
 import { CacheStep } from './cache-step';
 import { PrefixCache, PrefixCacheStats } from './prefix-cache';
 import { checkQuant, QuantizedCacheOptions } from './quant-options';
+import { PageArena } from './page-arena';
 import { ensureCapacity, pageView, quantizedSlots, Sequence, tokenIds, WriteItem } from './sequence';
 
 export interface PagedKVCacheOptions {
@@ -137,6 +138,8 @@ interface QuantLayer {
 }
 
 const MAX_PAGE_SIZE = 256;
+/** A new sequence's page list until the arena places it. */
+const NO_PAGES = new Int32Array(0);
 const DEFAULT_MAX_SEQUENCES = 64;
 
 export class PagedKVCache {
@@ -166,6 +169,8 @@ export class PagedKVCache {
   /** Bumped by every change to page lists or sharing; a CacheStep is only valid at its version. */
   #version = 0;
   #disposed = false;
+  /** Every sequence's page list, for page-table builds that read one buffer. */
+  readonly #arena = new PageArena();
   readonly #scratch: TableBuffers = { indptr: new Int32Array(0), indices: new Int32Array(0), lastPageLen: new Int32Array(0) };
 
   constructor(opts: PagedKVCacheOptions) {
@@ -221,7 +226,7 @@ export class PagedKVCache {
     this.checkLive();
     const prompt = opts.prompt === undefined ? undefined : tokenIds(opts.prompt);
     const seq: Sequence = {
-      pages: new Int32Array(4),
+      pages: NO_PAGES,
       view: undefined,
       starts: new Int32Array(4),
       mass: new Float64Array(4),
@@ -234,10 +239,11 @@ export class PagedKVCache {
       tail: -1,
       quantized: new Int32Array(this.layers),
     };
+    this.#arena.place(seq, 4, 0);
     if (prompt && this.prefix) {
       // The last prompt token is always recomputed: its logits are what the caller is after.
       const reused = this.prefix.match(prompt, Math.max(0, Math.floor((prompt.length - 1) / this.pageSize)));
-      ensureCapacity(seq, reused.length);
+      ensureCapacity(this.#arena, seq, reused.length);
       reused.forEach((page, i) => {
         seq.pages[i] = page;
         seq.starts[i] = i * this.pageSize;
@@ -306,7 +312,8 @@ export class PagedKVCache {
     const source = this.sequenceOf(seq);
     if (source.tail >= 0 && this.#tails!.freeCount === 0) throw this.outOfTails(1);
     const child: Sequence = {
-      pages: source.pages.slice(),
+      // Until place() below gives the child its own slot, a copy of this one.
+      pages: source.pages,
       view: undefined,
       starts: source.starts.slice(),
       mass: source.mass.slice(),
@@ -319,6 +326,7 @@ export class PagedKVCache {
       tail: -1,
       quantized: source.quantized.slice(),
     };
+    this.#arena.place(child, source.pages.length, source.count);
     for (let i = 0; i < quantizedSlots(source); i++) this.#allocator.retain(child.pages[i]!);
     if (source.tail >= 0) {
       // Quantized pages are shared as they are; the tail is the sequence's own, so it is copied on every layer.
@@ -361,6 +369,7 @@ export class PagedKVCache {
     for (let i = 0; i < quantizedSlots(state); i++) this.#allocator.release(state.pages[i]!);
     if (state.tail >= 0) this.#tails!.release(state.tail);
     this.#sequences.delete(seq);
+    this.#arena.release(state);
     this.#version++;
   }
 
@@ -604,7 +613,7 @@ export class PagedKVCache {
       if (this.#allocator.refCount(page) > 1) seq.pages[i] = this.copyPage(page);
     }
     const pagesAfter = Math.ceil(to / P);
-    ensureCapacity(seq, pagesAfter);
+    ensureCapacity(this.#arena, seq, pagesAfter);
     for (let i = seq.count; i < pagesAfter; i++) {
       seq.pages[i] = this.#allocator.allocate();
       // Not starts[i - 1] + P: the page before may have been dropped.
@@ -651,7 +660,7 @@ export class PagedKVCache {
     }
     const pagesAfter = Math.ceil(g.newLength / P);
     if (pagesAfter > s.count) {
-      ensureCapacity(s, pagesAfter);
+      ensureCapacity(this.#arena, s, pagesAfter);
       for (let i = quantizedSlots(s); i < pagesAfter - 1; i++) s.pages[i] = this.#allocator.allocate();
       if (s.tail < 0) s.tail = this.#tails!.allocate();
       s.pages[pagesAfter - 1] = s.tail;

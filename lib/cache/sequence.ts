@@ -1,10 +1,8 @@
 /** A sequence as PagedKVCache keeps it: its page list and the bookkeeping every operation updates. */
 import { invalid } from '../errors';
+import { PageArena, PageSlot } from './page-arena';
 
-export interface Sequence {
-  pages: Int32Array;
-  /** pages[0, count) as a view, kept between page-table builds (a new view per build costs more than its copy). */
-  view: Int32Array | undefined;
+export interface Sequence extends PageSlot {
   starts: Int32Array;
   mass: Float64Array;
   count: number;
@@ -46,23 +44,19 @@ export function tokenIds(prompt: ArrayLike<number>): Int32Array {
 /** pages[0, count) as a view, kept between page-table builds. */
 export function pageView(seq: Sequence): Int32Array {
   const view = seq.view;
-  // ensureCapacity drops the view when it replaces the buffer; reading view.buffer here would cost more.
+  // The arena drops the view when the slot moves; reading view.buffer here would cost more.
   if (view !== undefined && view.length === seq.count) return view;
   return (seq.view = seq.pages.subarray(0, seq.count));
 }
 
-/** Grows the sequence's arrays to hold `pages` pages. */
-export function ensureCapacity(seq: Sequence, pages: number): void {
+/** Grows the sequence's arrays to hold `pages` pages (its page list moves to a new slot of `arena`). */
+export function ensureCapacity(arena: PageArena, seq: Sequence, pages: number): void {
   if (pages <= seq.pages.length) return;
   const capacity = Math.max(pages, seq.pages.length * 2);
-  const grown = (old: Int32Array) => {
-    const out = new Int32Array(capacity);
-    out.set(old);
-    return out;
-  };
-  seq.pages = grown(seq.pages);
-  seq.view = undefined;
-  seq.starts = grown(seq.starts);
+  arena.place(seq, capacity, seq.count);
+  const starts = new Int32Array(capacity);
+  starts.set(seq.starts);
+  seq.starts = starts;
   const mass = new Float64Array(capacity);
   mass.set(seq.mass);
   seq.mass = mass;
