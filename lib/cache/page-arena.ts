@@ -15,7 +15,7 @@
 export interface PageSlot {
   /** The slot's view of the arena, as long as its capacity. */
   pages: Int32Array;
-  /** pages[0, count) as a view, kept between page-table builds (a new view per build costs more than its copy); dropped when the slot moves. */
+  /** A view of the slot's first entries, kept between page-table builds (see copyPages); dropped when the slot moves. */
   view: Int32Array | undefined;
 }
 

@@ -6,6 +6,11 @@ export interface Sequence extends PageSlot {
   starts: Int32Array;
   mass: Float64Array;
   count: number;
+  /**
+   * Bumped whenever a page id in pages[0, count) is replaced or the list shrinks (copy-on-write,
+   * eviction, truncation): with count, what tells a reused page table which rows it must rewrite.
+   */
+  rewrites: number;
   length: number;
   /** Absolute position after the last token held; runs ahead of length once pages were dropped. */
   end: number;
@@ -41,12 +46,31 @@ export function tokenIds(prompt: ArrayLike<number>): Int32Array {
   return out;
 }
 
-/** pages[0, count) as a view, kept between page-table builds. */
-export function pageView(seq: Sequence): Int32Array {
-  const view = seq.view;
-  // The arena drops the view when the slot moves; reading view.buffer here would cost more.
-  if (view !== undefined && view.length === seq.count) return view;
-  return (seq.view = seq.pages.subarray(0, seq.count));
+/** Why `seq` cannot be a row of a page table (the expectation an E_RANGE states), or undefined when it can. */
+export function rowProblem(seq: Sequence, quantized: boolean): string | undefined {
+  if (seq.length === 0) return 'a sequence holding at least one token';
+  if (quantized && seq.tail < 0) {
+    return 'a sequence whose last page is a full-precision tail (every page of this one is quantized, after prefix reuse or truncation to a page boundary: append a token first)';
+  }
+  return undefined;
+}
+
+/** Entries past a sequence's cached view that copyPages copies one by one before it makes a new view. */
+const LOOSE_PAGES = 8;
+
+/**
+ * Copies pages[0, count) of `seq` into `out` from `at`: most of it through the view the sequence keeps
+ * (one TypedArray.set), the pages added since that view was made one by one. Making a view costs more
+ * than copying a few entries, and a decoding sequence gains a page every pageSize tokens, so the view
+ * is made again only when it is LOOSE_PAGES behind, longer than the list, or gone (its slot moved).
+ */
+export function copyPages(seq: Sequence, out: Int32Array, at: number): void {
+  const count = seq.count;
+  let view = seq.view;
+  if (view === undefined || view.length > count || count - view.length > LOOSE_PAGES) view = seq.view = seq.pages.subarray(0, count);
+  out.set(view, at);
+  const pages = seq.pages;
+  for (let i = view.length; i < count; i++) out[at + i] = pages[i]!;
 }
 
 /** Grows the sequence's arrays to hold `pages` pages (its page list moves to a new slot of `arena`). */
