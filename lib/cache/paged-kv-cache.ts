@@ -219,7 +219,7 @@ export class PagedKVCache {
       throw error;
     }
     this.device = this.quant ? this.#quantLayers[0]!.tail.kTail.device : this.#pools[0]!.kPages.device;
-    this.#tables = new PageTableBuilder(pageSize, this.quant !== undefined);
+    this.#tables = new PageTableBuilder(this.#arena, pageSize, this.quant !== undefined);
   }
 
   /** A new empty sequence (or one starting with the longest cached prefix of its prompt); returns its id. */
@@ -228,6 +228,7 @@ export class PagedKVCache {
     const prompt = opts.prompt === undefined ? undefined : tokenIds(opts.prompt);
     const seq: Sequence = {
       pages: NO_PAGES,
+      offset: 0,
       view: undefined,
       starts: new Int32Array(4),
       mass: new Float64Array(4),
@@ -316,6 +317,7 @@ export class PagedKVCache {
     const child: Sequence = {
       // Until place() below gives the child its own slot, a copy of this one.
       pages: source.pages,
+      offset: 0,
       view: undefined,
       starts: source.starts.slice(),
       mass: source.mass.slice(),
