@@ -62,6 +62,7 @@ export interface NativeBinding {
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   pageTableArrays(table: PageTableNativeHandle): [TensorHandle, TensorHandle, TensorHandle];
   stagePageTable(indptr: Int32Array, indices: Int32Array, lastPageLen: Int32Array, device: string): PageTableNativeHandle;
+  copySegments(src: Int32Array, starts: Int32Array, dst: Int32Array, offsets: Int32Array): void;
   pagedPrefill(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, cuSeqlensQ: Int32Array,
     causal: boolean, windowLeft: number, scale: number, returnLse: boolean): [TensorHandle, TensorHandle | undefined];
   pagedDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, scale: number,

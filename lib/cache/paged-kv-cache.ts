@@ -35,7 +35,9 @@ import { EvictionPolicy, ObservationScores, SequenceView } from './policies/poli
 import { CacheStep } from './cache-step';
 import { PrefixCache, PrefixCacheStats } from './prefix-cache';
 import { checkQuant, QuantizedCacheOptions } from './quant-options';
-import { ensureCapacity, pageView, quantizedSlots, Sequence, tokenIds, WriteItem } from './sequence';
+import { PageArena } from './page-arena';
+import { PageTableBuilder } from './page-table-builder';
+import { ensureCapacity, quantizedSlots, rowProblem, Sequence, tokenIds, WriteItem } from './sequence';
 
 export interface PagedKVCacheOptions {
   layers: number;
@@ -101,7 +103,12 @@ export interface StepEntry {
 }
 
 export interface PageTableOptions {
-  /** Build into buffers the cache reuses instead of new arrays. Default false. */
+  /**
+   * Build into buffers the cache keeps instead of new arrays: valid until the cache builds its next
+   * table (pageTable with reuseBuffers, stagePageTable, beginStep), which brings the same buffers up to
+   * date, copying only the rows that changed when the batch is the same. Read them, never write them.
+   * Default false.
+   */
   reuseBuffers?: boolean;
 }
 
@@ -110,12 +117,6 @@ export interface CompressResult {
   evicted: number;
   /** For each KV head, the page ids (in sequence order) that head attends to; the last page is the sequence's last. */
   headPages: Int32Array[];
-}
-
-interface TableBuffers {
-  indptr: Int32Array;
-  indices: Int32Array;
-  lastPageLen: Int32Array;
 }
 
 /** What growing one sequence needs, worked out before anything changes. */
@@ -137,6 +138,8 @@ interface QuantLayer {
 }
 
 const MAX_PAGE_SIZE = 256;
+/** A new sequence's page list until the arena places it. */
+const NO_PAGES = new Int32Array(0);
 const DEFAULT_MAX_SEQUENCES = 64;
 
 export class PagedKVCache {
@@ -166,7 +169,9 @@ export class PagedKVCache {
   /** Bumped by every change to page lists or sharing; a CacheStep is only valid at its version. */
   #version = 0;
   #disposed = false;
-  readonly #scratch: TableBuffers = { indptr: new Int32Array(0), indices: new Int32Array(0), lastPageLen: new Int32Array(0) };
+  /** Every sequence's page list, for page-table builds that read one buffer. */
+  readonly #arena = new PageArena();
+  readonly #tables: PageTableBuilder;
 
   constructor(opts: PagedKVCacheOptions) {
     if (opts === null || typeof opts !== 'object') throw invalid('E_RANGE', 'options', 'an options object', opts);
@@ -214,6 +219,7 @@ export class PagedKVCache {
       throw error;
     }
     this.device = this.quant ? this.#quantLayers[0]!.tail.kTail.device : this.#pools[0]!.kPages.device;
+    this.#tables = new PageTableBuilder(this.#arena, pageSize, this.quant !== undefined);
   }
 
   /** A new empty sequence (or one starting with the longest cached prefix of its prompt); returns its id. */
@@ -221,11 +227,13 @@ export class PagedKVCache {
     this.checkLive();
     const prompt = opts.prompt === undefined ? undefined : tokenIds(opts.prompt);
     const seq: Sequence = {
-      pages: new Int32Array(4),
+      pages: NO_PAGES,
+      offset: 0,
       view: undefined,
       starts: new Int32Array(4),
       mass: new Float64Array(4),
       count: 0,
+      rewrites: 0,
       length: 0,
       end: 0,
       written: new Int32Array(this.layers),
@@ -234,10 +242,11 @@ export class PagedKVCache {
       tail: -1,
       quantized: new Int32Array(this.layers),
     };
+    this.#arena.place(seq, 4, 0);
     if (prompt && this.prefix) {
       // The last prompt token is always recomputed: its logits are what the caller is after.
       const reused = this.prefix.match(prompt, Math.max(0, Math.floor((prompt.length - 1) / this.pageSize)));
-      ensureCapacity(seq, reused.length);
+      ensureCapacity(this.#arena, seq, reused.length);
       reused.forEach((page, i) => {
         seq.pages[i] = page;
         seq.starts[i] = i * this.pageSize;
@@ -306,11 +315,14 @@ export class PagedKVCache {
     const source = this.sequenceOf(seq);
     if (source.tail >= 0 && this.#tails!.freeCount === 0) throw this.outOfTails(1);
     const child: Sequence = {
-      pages: source.pages.slice(),
+      // Until place() below gives the child its own slot, a copy of this one.
+      pages: source.pages,
+      offset: 0,
       view: undefined,
       starts: source.starts.slice(),
       mass: source.mass.slice(),
       count: source.count,
+      rewrites: 0,
       length: source.length,
       end: source.end,
       written: source.written.slice(),
@@ -319,6 +331,7 @@ export class PagedKVCache {
       tail: -1,
       quantized: source.quantized.slice(),
     };
+    this.#arena.place(child, source.pages.length, source.count);
     for (let i = 0; i < quantizedSlots(source); i++) this.#allocator.retain(child.pages[i]!);
     if (source.tail >= 0) {
       // Quantized pages are shared as they are; the tail is the sequence's own, so it is copied on every layer.
@@ -347,6 +360,7 @@ export class PagedKVCache {
     for (let i = keep; i < state.count; i++) this.#allocator.release(state.pages[i]!);
     state.mass.fill(0, keep, state.count);
     state.count = keep;
+    state.rewrites++;
     state.length = length;
     state.end = keep === 0 ? 0 : state.starts[keep - 1]! + length - (keep - 1) * this.pageSize;
     for (let l = 0; l < this.layers; l++) state.written[l] = Math.min(state.written[l]!, length);
@@ -361,13 +375,15 @@ export class PagedKVCache {
     for (let i = 0; i < quantizedSlots(state); i++) this.#allocator.release(state.pages[i]!);
     if (state.tail >= 0) this.#tails!.release(state.tail);
     this.#sequences.delete(seq);
+    this.#arena.release(state);
+    this.#tables.forget();
     this.#version++;
   }
 
   /**
    * The CSR page table of `seqIds` (each holding at least one token), in that order. In new arrays,
-   * or with reuseBuffers in buffers the cache keeps (no allocation; valid until the next table the
-   * cache builds, which includes stagePageTable and beginStep).
+   * which nothing the cache does later changes, or with reuseBuffers in buffers the cache keeps (see
+   * PageTableOptions: no allocation, read-only, valid until the cache builds its next table).
    */
   pageTable(seqIds: readonly number[], opts: PageTableOptions = {}): PageTable {
     return this.buildTable(seqIds, opts.reuseBuffers === true);
@@ -498,6 +514,7 @@ export class PagedKVCache {
     this.#disposed = true;
     this.disposePools();
     this.#sequences.clear();
+    this.#tables.forget();
   }
 
   [Symbol.dispose](): void {
@@ -557,35 +574,21 @@ export class PagedKVCache {
   private buildTable(seqIds: readonly number[], reuseBuffers: boolean): PageTable {
     this.checkLive();
     if (!Array.isArray(seqIds) || seqIds.length === 0) throw invalid('E_RANGE', 'seqIds', 'a non-empty array of sequence ids', seqIds);
-    const batch = seqIds.length;
-    const states = new Array<Sequence>(batch);
-    const indptr = reuseBuffers ? this.scratchFor('indptr', batch + 1) : new Int32Array(batch + 1);
-    const lastPageLen = reuseBuffers ? this.scratchFor('lastPageLen', batch) : new Int32Array(batch);
-    let total = 0;
-    for (let b = 0; b < batch; b++) {
-      // The error's argument name is only built on failure: this loop runs once per step.
-      const state = this.#sequences.get(seqIds[b]!) ?? this.sequenceOf(seqIds[b], `seqIds[${b}]`);
-      if (state.length === 0) throw invalid('E_RANGE', `seqIds[${b}]`, 'a sequence holding at least one token', seqIds[b]);
-      if (this.quant && state.tail < 0) {
-        throw invalid('E_RANGE', `seqIds[${b}]`, 'a sequence whose last page is a full-precision tail (every page of this one is quantized, after prefix reuse or truncation to a page boundary: append a token first)', seqIds[b]);
-      }
-      states[b] = state;
-      total += state.count;
-      indptr[b + 1] = total;
-      lastPageLen[b] = state.length - (state.count - 1) * this.pageSize;
-    }
-    indptr[0] = 0;
-    // New zero-filled arrays cost more than the copy itself at 10^5 pages.
-    const indices = reuseBuffers ? this.scratchFor('indices', total) : new Int32Array(total);
-    for (let b = 0; b < batch; b++) indices.set(pageView(states[b]!), indptr[b]!);
-    return { indptr, indices, lastPageLen };
+    if (!reuseBuffers) return this.#tables.build(this.tableRows(seqIds));
+    return this.#tables.rebuild(seqIds) ?? this.#tables.buildKept(seqIds, this.tableRows(seqIds));
   }
 
-  /** The first `length` entries of one of the reused buffers, grown when too short. */
-  private scratchFor(name: keyof TableBuffers, length: number): Int32Array {
-    let buffer = this.#scratch[name];
-    if (buffer.length < length) buffer = this.#scratch[name] = new Int32Array(Math.max(length, buffer.length * 2));
-    return buffer.subarray(0, length);
+  /** The sequences of `seqIds`, each checked to be a row of a page table. */
+  private tableRows(seqIds: readonly number[]): Sequence[] {
+    const rows = new Array<Sequence>(seqIds.length);
+    for (let b = 0; b < seqIds.length; b++) {
+      // The error's argument name is only built on failure: this loop runs once per step.
+      const state = this.#sequences.get(seqIds[b]!) ?? this.sequenceOf(seqIds[b], `seqIds[${b}]`);
+      const problem = rowProblem(state, this.quant !== undefined);
+      if (problem !== undefined) throw invalid('E_RANGE', `seqIds[${b}]`, problem, seqIds[b]);
+      rows[b] = state;
+    }
+    return rows;
   }
 
   /** Pages of `seq` that a write of tokens [from, to) touches and that another owner also holds. */
@@ -601,10 +604,12 @@ export class PagedKVCache {
     const end = Math.min(seq.count, Math.ceil(to / P));
     for (let i = Math.floor(from / P); i < end; i++) {
       const page = seq.pages[i]!;
-      if (this.#allocator.refCount(page) > 1) seq.pages[i] = this.copyPage(page);
+      if (this.#allocator.refCount(page) <= 1) continue;
+      seq.pages[i] = this.copyPage(page);
+      seq.rewrites++;
     }
     const pagesAfter = Math.ceil(to / P);
-    ensureCapacity(seq, pagesAfter);
+    ensureCapacity(this.#arena, seq, pagesAfter);
     for (let i = seq.count; i < pagesAfter; i++) {
       seq.pages[i] = this.#allocator.allocate();
       // Not starts[i - 1] + P: the page before may have been dropped.
@@ -647,15 +652,18 @@ export class PagedKVCache {
     const [from, to] = this.quantizedWriteRange(g);
     for (let i = from; i < to; i++) {
       const page = s.pages[i]!;
-      if (this.#allocator.refCount(page) > 1) s.pages[i] = this.copyQuantizedPage(page);
+      if (this.#allocator.refCount(page) <= 1) continue;
+      s.pages[i] = this.copyQuantizedPage(page);
+      s.rewrites++;
     }
     const pagesAfter = Math.ceil(g.newLength / P);
     if (pagesAfter > s.count) {
-      ensureCapacity(s, pagesAfter);
+      ensureCapacity(this.#arena, s, pagesAfter);
+      // The tail's slot gets the quantized page its tail will be quantized into.
+      if (s.tail >= 0) s.rewrites++;
       for (let i = quantizedSlots(s); i < pagesAfter - 1; i++) s.pages[i] = this.#allocator.allocate();
       if (s.tail < 0) s.tail = this.#tails!.allocate();
       s.pages[pagesAfter - 1] = s.tail;
-      s.view = undefined;
       for (let i = s.count; i < pagesAfter; i++) {
         s.starts[i] = s.end + i * P - s.length;
         s.mass[i] = 0;
@@ -782,6 +790,7 @@ export class PagedKVCache {
     }
     state.mass.fill(0, keep, state.count);
     state.count = keep;
+    state.rewrites++;
     state.length = length;
     state.end = keep === 0 ? 0 : state.starts[keep - 1]! + length - (keep - 1) * P;
     for (let l = 0; l < this.layers; l++) state.written[l] = Math.min(state.written[l]!, length);
@@ -839,6 +848,7 @@ export class PagedKVCache {
     }
     seq.mass.fill(0, kept, seq.count);
     seq.count = kept;
+    seq.rewrites++;
     const dropped = slots.length * P;
     seq.length -= dropped;
     for (let l = 0; l < this.layers; l++) seq.written[l]! -= dropped;

@@ -1,13 +1,16 @@
 /** A sequence as PagedKVCache keeps it: its page list and the bookkeeping every operation updates. */
 import { invalid } from '../errors';
+import { PageArena, PageSlot } from './page-arena';
 
-export interface Sequence {
-  pages: Int32Array;
-  /** pages[0, count) as a view, kept between page-table builds (a new view per build costs more than its copy). */
-  view: Int32Array | undefined;
+export interface Sequence extends PageSlot {
   starts: Int32Array;
   mass: Float64Array;
   count: number;
+  /**
+   * Bumped whenever a page id in pages[0, count) is replaced or the list shrinks (copy-on-write,
+   * eviction, truncation): with count, what tells a reused page table which rows it must rewrite.
+   */
+  rewrites: number;
   length: number;
   /** Absolute position after the last token held; runs ahead of length once pages were dropped. */
   end: number;
@@ -43,26 +46,41 @@ export function tokenIds(prompt: ArrayLike<number>): Int32Array {
   return out;
 }
 
-/** pages[0, count) as a view, kept between page-table builds. */
-export function pageView(seq: Sequence): Int32Array {
-  const view = seq.view;
-  // ensureCapacity drops the view when it replaces the buffer; reading view.buffer here would cost more.
-  if (view !== undefined && view.length === seq.count) return view;
-  return (seq.view = seq.pages.subarray(0, seq.count));
+/** Why `seq` cannot be a row of a page table (the expectation an E_RANGE states), or undefined when it can. */
+export function rowProblem(seq: Sequence, quantized: boolean): string | undefined {
+  if (seq.length === 0) return 'a sequence holding at least one token';
+  if (quantized && seq.tail < 0) {
+    return 'a sequence whose last page is a full-precision tail (every page of this one is quantized, after prefix reuse or truncation to a page boundary: append a token first)';
+  }
+  return undefined;
 }
 
-/** Grows the sequence's arrays to hold `pages` pages. */
-export function ensureCapacity(seq: Sequence, pages: number): void {
+/** Entries past a sequence's cached view that copyPages copies one by one before it makes a new view. */
+const LOOSE_PAGES = 8;
+
+/**
+ * Copies pages[0, count) of `seq` into `out` from `at`: most of it through the view the sequence keeps
+ * (one TypedArray.set), the pages added since that view was made one by one. Making a view costs more
+ * than copying a few entries, and a decoding sequence gains a page every pageSize tokens, so the view
+ * is made again only when it is LOOSE_PAGES behind, longer than the list, or gone (its slot moved).
+ */
+export function copyPages(seq: Sequence, out: Int32Array, at: number): void {
+  const count = seq.count;
+  let view = seq.view;
+  if (view === undefined || view.length > count || count - view.length > LOOSE_PAGES) view = seq.view = seq.pages.subarray(0, count);
+  out.set(view, at);
+  const pages = seq.pages;
+  for (let i = view.length; i < count; i++) out[at + i] = pages[i]!;
+}
+
+/** Grows the sequence's arrays to hold `pages` pages (its page list moves to a new slot of `arena`). */
+export function ensureCapacity(arena: PageArena, seq: Sequence, pages: number): void {
   if (pages <= seq.pages.length) return;
   const capacity = Math.max(pages, seq.pages.length * 2);
-  const grown = (old: Int32Array) => {
-    const out = new Int32Array(capacity);
-    out.set(old);
-    return out;
-  };
-  seq.pages = grown(seq.pages);
-  seq.view = undefined;
-  seq.starts = grown(seq.starts);
+  arena.place(seq, capacity, seq.count);
+  const starts = new Int32Array(capacity);
+  starts.set(seq.starts);
+  seq.starts = starts;
   const mass = new Float64Array(capacity);
   mass.set(seq.mass);
   seq.mass = mass;

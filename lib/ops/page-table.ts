@@ -75,6 +75,14 @@ export class StagedPageTable {
   }
 }
 
+/**
+ * @internal dst[offsets[i], offsets[i+1]) = the entries of `src` from starts[i] on, for every segment i
+ * (offsets from 0 to dst.length): a table's rows gathered from the page lists in one native call.
+ */
+export function copySegments(src: Int32Array, starts: Int32Array, dst: Int32Array, offsets: Int32Array): void {
+  callNative(() => native().copySegments(src, starts, dst, offsets));
+}
+
 /** Runs `use` with `table` staged on `device`: as it is if already staged, else staged for this call only. */
 export function withStagedTable<T>(table: PageTable | StagedPageTable, device: string, use: (handle: PageTableNativeHandle) => T): T {
   if (table instanceof StagedPageTable) return use(table.handle());

@@ -1,6 +1,7 @@
 #include "page_table.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "../core/backend.h"
 #include "addon_data.h"
@@ -101,6 +102,32 @@ Napi::Value page_table_arrays(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// copySegments(src, starts, dst, offsets): dst[offsets[i], offsets[i+1]) = the entries of src from
+// starts[i] on, for every segment i. The cache gathers the page lists of a table's rows with it: one
+// call instead of a TypedArray.set per row, which costs V8 ~12 ns however short the row.
+Napi::Value copy_segments(const Napi::CallbackInfo& info) {
+  const HostInts src = get_ints(info[0], "src");
+  const HostInts starts = get_ints(info[1], "starts");
+  const HostInts dst = get_ints(info[2], "dst");
+  const HostInts offsets = get_ints(info[3], "offsets");
+  int longest = 0;
+  const int segments = check_offsets(offsets, dst.size, "offsets", "dst", &longest);
+  KV_CHECK(starts.size == segments, Shape, "Expected ", segments, " entries (one per segment) for starts but received ",
+           starts.size);
+  for (int i = 0; i < segments; ++i) {
+    const int64_t length = offsets[i + 1] - offsets[i];
+    KV_CHECK(starts[i] >= 0 && starts[i] + length <= src.size, Range, "Expected starts[", i, "] in [0, ",
+             src.size - length, "] (segment ", i, " holds ", length, " entries of src's ", src.size, ") but received ",
+             starts[i]);
+  }
+  int32_t* out = info[2].As<Napi::Int32Array>().Data();
+  for (int i = 0; i < segments; ++i) {
+    // memmove: src and dst may be views of one buffer.
+    std::memmove(out + offsets[i], src.data + starts[i], sizeof(int32_t) * static_cast<size_t>(offsets[i + 1] - offsets[i]));
+  }
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void PageTableHandle::define(Napi::Env env, Napi::Object exports) {
@@ -109,6 +136,7 @@ void PageTableHandle::define(Napi::Env env, Napi::Object exports) {
   exports.Set("PageTableHandle", ctor);
   exports.Set("stagePageTable", Napi::Function::New<guarded<&PageTableHandle::stage>>(env, "stagePageTable"));
   exports.Set("pageTableArrays", Napi::Function::New<guarded<page_table_arrays>>(env, "pageTableArrays"));
+  exports.Set("copySegments", Napi::Function::New<guarded<copy_segments>>(env, "copySegments"));
 }
 
 std::shared_ptr<const StagedPageTable> PageTableHandle::unwrap(const Napi::Value& v, const char* name) {

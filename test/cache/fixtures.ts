@@ -82,6 +82,24 @@ export function decodeSequence(cache: PagedKVCache, pools: Float32Array[][], seq
   return out;
 }
 
+/** The CSR table of `seqIds` as info() describes their pages, to hold the cache's tables against. */
+export function expectedTable(cache: PagedKVCache, seqIds: readonly number[]): { indptr: number[]; indices: number[]; lastPageLen: number[] } {
+  const infos = seqIds.map((seq) => cache.info(seq));
+  const indptr = [0];
+  for (const info of infos) indptr.push(indptr.at(-1)! + info.pages.length);
+  return {
+    indptr,
+    indices: infos.flatMap((info) => [...info.pages]),
+    lastPageLen: infos.map((info) => info.length - (info.pages.length - 1) * cache.pageSize),
+  };
+}
+
+/** The table of `seqIds` from the cache's kept buffers (the path every step takes), as plain arrays. */
+export function keptTable(cache: PagedKVCache, seqIds: readonly number[]): { indptr: number[]; indices: number[]; lastPageLen: number[] } {
+  const { indptr, indices, lastPageLen } = cache.pageTable(seqIds, { reuseBuffers: true });
+  return { indptr: [...indptr], indices: [...indices], lastPageLen: [...lastPageLen] };
+}
+
 export function smallCache(overrides: Partial<PagedKVCacheOptions> = {}): PagedKVCache {
   return new PagedKVCache({ layers: 2, numPages: 16, pageSize: 4, kvHeads: 2, headDim: 2, dtype: 'f32', ...overrides });
 }

@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 
 import { EvictionPolicy, H2O, PagedKVCache, StreamingLLM } from '../../lib/cache/index';
 import { KvflashError, Tensor } from '../../lib/index';
-import { appendTokens, decodeSequence, KEY, readPools, rows, VALUE } from './fixtures';
+import { appendTokens, decodeSequence, expectedTable, KEY, keptTable, readPools, rows, VALUE } from './fixtures';
 
 /** Prompts that share prefixes, so that later sequences hit pages earlier ones cached. */
 const PROMPTS = [
@@ -65,6 +65,9 @@ async function checkInvariants(cache: PagedKVCache, model: Map<number, ModelSequ
   for (let page = 0; page < cache.numPages; page++) expect(cache.refCount(page)).toBe(owners[page]);
   const used = owners.filter((o) => o > 0).length;
   expect(cache.stats()).toMatchObject({ used, free: cache.numPages - used, shared: owners.filter((o) => o > 1).length });
+  // The same batch every time, so the kept buffers are brought up to date across every operation.
+  const holding = [...model.keys()].filter((seq) => cache.info(seq).length > 0);
+  if (holding.length > 0) expect(keptTable(cache, holding)).toEqual(expectedTable(cache, holding));
 }
 
 /** Appends to every layer of one or two sequences at once through beginStep. */

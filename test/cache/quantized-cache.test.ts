@@ -11,7 +11,7 @@ import { KvflashError, ops, Tensor } from '../../lib/index';
 import type { PageTable, QuantFormat, QuantizedKVPages, TailPages } from '../../lib/index';
 import { normal, rng } from '../attention-fixtures';
 import { FORMATS } from '../quant-fixtures';
-import { codeOf } from './fixtures';
+import { codeOf, expectedTable, keptTable } from './fixtures';
 
 const KEY = 0;
 const VALUE = 1;
@@ -336,6 +336,7 @@ describe('PagedKVCache with quantized pages', () => {
     const fork = cache.fork(seq);
     const shared = cache.info(seq).pages[0]!;
     expect(cache.refCount(shared)).toBe(2);
+    keptTable(cache, [seq, fork]); // the copy below replaces a page id in a row the kept buffers hold
     for (const s of [seq, fork]) {
       using k1 = Tensor.fromArray(tokenRows(cache, tokens.slice(2), 2, 1, KEY), shape(6));
       using v1 = Tensor.fromArray(tokenRows(cache, tokens.slice(2), 2, 1, VALUE), shape(6));
@@ -344,6 +345,7 @@ describe('PagedKVCache with quantized pages', () => {
     }
     expect(cache.info(seq).pages[0]).not.toBe(cache.info(fork).pages[0]);
     expect(cache.refCount(shared)).toBe(1);
+    expect(keptTable(cache, [seq, fork])).toEqual(expectedTable(cache, [seq, fork]));
     for (let layer = 0; layer < cache.layers; layer++) {
       using q = query(cache, 2, 5);
       expect(await cacheDecode(cache, [seq, fork], layer, q)).toEqual(await referenceDecode(cache, history, [seq, fork], layer, q));
@@ -391,6 +393,7 @@ describe('PagedKVCache with quantized pages', () => {
     const seq = cache.addSequence();
     appendTokens(cache, seq, range(1, 11)); // pages: 2 quantized, tail of 2
     const fork = cache.fork(seq);
+    keptTable(cache, [seq, fork]); // the truncations and the append below bring seq back to 3 pages, other ones
     const before = await snapshot(cache);
     expect(codeOf(() => cache.truncate(seq, 6))).toBe('E_UNSUPPORTED');
     expect(await snapshot(cache)).toEqual(before);
@@ -400,6 +403,7 @@ describe('PagedKVCache with quantized pages', () => {
     expect(cache.info(seq)).toMatchObject({ length: 4, nextPosition: 4, tail: -1, written: Int32Array.from([4, 4]) });
     expect(cache.stats()).toMatchObject({ used: 2, shared: 1, tails: { used: 1 } });
     appendTokens(cache, seq, [70, 71, 72, 73, 74]);
+    expect(keptTable(cache, [seq, fork])).toEqual(expectedTable(cache, [seq, fork]));
     const history: History = new Map([
       [seq, [1, 2, 3, 4, 70, 71, 72, 73, 74]],
       [fork, range(1, 11)],
@@ -526,6 +530,7 @@ async function checkInvariants(cache: PagedKVCache, history: History): Promise<v
   const used = owners.filter((o) => o > 0).length;
   expect(cache.stats()).toMatchObject({ used, shared: owners.filter((o) => o > 1).length, tails: { used: tails.size } });
   if (decodable.length === 0) return;
+  expect(keptTable(cache, decodable)).toEqual(expectedTable(cache, decodable));
   for (let layer = 0; layer < cache.layers; layer++) {
     using q = query(cache, decodable.length, layer);
     expect(await cacheDecode(cache, decodable, layer, q)).toEqual(await referenceDecode(cache, history, decodable, layer, q));
