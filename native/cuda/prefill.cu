@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "prefill.h"
+#include "prefill_sm90.h"
 #include "prefill_tile.cuh"
 
 namespace kvflash::cuda {
@@ -238,7 +239,12 @@ void dispatch(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_prefill(const PrefillParams& p, cudaStream_t stream) { dispatch<RaggedRows>(p, stream); }
+// The one place that picks a prefill path: the wgmma kernel where the device and the build have
+// it and it covers the shape, else this file's mma.sync kernel.
+void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
+  if (prefill_sm90_fits(p)) return launch_prefill_sm90(p, stream);
+  dispatch<RaggedRows>(p, stream);
+}
 
 void launch_paged_prefill(const PagedPrefillParams& p, cudaStream_t stream) { dispatch<PagedRows>(p, stream); }
 

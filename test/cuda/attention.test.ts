@@ -58,6 +58,46 @@ describe('prefillAttention on CUDA', () => {
   }
 });
 
+// Head dim 128 runs its own kernel on Hopper (wgmma over 128-query x 128-key tiles, persistent
+// blocks): sequences several tiles long with odd tails, queries fewer or more than keys, windows,
+// and batches mixing lengths 1..300, across the GQA ratios and both dtypes.
+describe('prefillAttention on CUDA, head dim 128 across tile boundaries', () => {
+  const mixed = (random: () => number, n: number, extra: number) => {
+    const qLens = Array.from({ length: n }, () => 1 + Math.floor(random() * 300));
+    return { qLens, kLens: qLens.map((l) => l + Math.floor(random() * extra)) };
+  };
+  const shapes = [
+    { name: 'causal, Sq <= Sk', qLens: [1000, 777, 129, 1, 255], kLens: [1000, 1500, 385, 1, 256], causal: true, windowLeft: -1 },
+    { name: 'non-causal, Sq > Sk', qLens: [513, 300, 129, 1], kLens: [257, 1, 128, 700], causal: false, windowLeft: -1 },
+    { name: 'causal window 200', qLens: [1111, 300], kLens: [1111, 900], causal: true, windowLeft: 200 },
+    { name: 'causal, lengths 1..300', ...mixed(rng(7), 40, 300), causal: true, windowLeft: -1 },
+    { name: 'non-causal window 90, lengths 1..300', ...mixed(rng(8), 40, 300), causal: false, windowLeft: 90 },
+  ];
+  const dim = 128, heads = 8;
+  let seed = 200;
+  shapes.forEach((shape, i) => {
+    const ratio = GQA[i % GQA.length]!;
+    const dtype: GpuDType = i % 2 ? 'f16' : 'bf16';
+    const returnLse = i !== 2;
+    it(`${shape.name}: H/Hkv=${ratio} ${dtype}${returnLse ? '' : ' without lse'}`, async () => {
+      const random = rng(seed++);
+      const kvHeads = heads / ratio;
+      const cuSeqlensQ = offsets(shape.qLens), cuSeqlensK = offsets(shape.kLens);
+      const nq = cuSeqlensQ.at(-1)!, nk = cuSeqlensK.at(-1)!;
+      const [q, qc] = await pair(normal(nq * heads * dim, random), [nq, heads, dim], dtype);
+      const [k, kc] = await pair(normal(nk * kvHeads * dim, random), [nk, kvHeads, dim], dtype);
+      const [v, vc] = await pair(normal(nk * kvHeads * dim, random), [nk, kvHeads, dim], dtype);
+      const opts = { cuSeqlensQ, cuSeqlensK, causal: shape.causal, windowLeft: shape.windowLeft, returnLse };
+      const gpu = ops.prefillAttention(q, k, v, opts);
+      const cpu = ops.prefillAttention(qc, kc, vc, opts);
+      await expectClose(gpu.out, cpu.out, 2e-2, 'out');
+      if (returnLse) await expectClose(gpu.lse!, cpu.lse!, 1e-3, 'lse');
+      else expect(gpu.lse).toBeUndefined();
+      disposeAll(q, k, v, qc, kc, vc, gpu.out, gpu.lse, cpu.out, cpu.lse);
+    });
+  });
+});
+
 describe('paged attention on CUDA', () => {
   const layouts = [
     { pageSize: 1, lens: [1, 5, 33] },
