@@ -76,6 +76,10 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Orders this thread's ordinary shared-memory accesses before later async-proxy ones (wgmma
+// operand reads, TMA writes) of the same memory.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 // ---------------------------------------------------------------------------------------------
 // wgmma. A shared-memory operand is a 64-bit descriptor: start address, the byte distance between
 // 8-row groups (stride) and, for MN-major operands, between 64-column groups (leading), all in

@@ -26,10 +26,11 @@
 // so this kernel waits for both products before the softmax.
 //
 // Tiles are visited last to first, as in prefill.cu: the masked ones (causal diagonal, ragged end)
-// come first. A tile of K or V rows may run past its sequence into the next one (TMA boxes are
-// fixed-size; only the tensor's end reads as zeros): those keys are masked to -inf, so they add
-// exact zeros as long as the neighbouring rows are finite. Rows of Q past the sequence likewise
-// compute values that are never stored.
+// come first. The first of them may run past its sequence into the next one (TMA boxes are
+// fixed-size; only the tensor's end reads as zeros): those keys are masked to -inf (by selection,
+// so a NaN key changes nothing), and the consumers zero those V rows before P V reads them, since
+// 0 times a neighbour's inf or NaN would still be NaN: one sequence's values never reach another's
+// output. Rows of Q past the sequence compute values that are never stored.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -346,6 +347,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       release(k_empty(tile % STAGES));
       softmax(w.t_end);
       pack();
+      const int valid_rows = w.sk - w.t_end * kBN;
+      if (valid_rows < kBN) {
+        // The consumers split the V rows past the sequence, zero them, and meet (named barrier 3)
+        // before either issues a P V that reads the buffer.
+        const uint32_t buf = sV + (tile % STAGES) * kTileBytes;
+        mbar_wait(v_full(tile % STAGES), (tile / STAGES) & 1);
+        const int chunks = (kBN - valid_rows) * 16;  // 16-byte chunks: 8 per 64-column block of a row
+        for (int i = tid - 128; i < chunks; i += 256) {
+          const int row = valid_rows + i / 16;
+          const uint32_t at = buf + ((i / 8) & 1) * kBlock64 + row * 128 + (i % 8) * 16;
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0u) : "memory");
+        }
+        fence_proxy_async();
+        named_sync(3, 256);
+      }
       for (int i = 1; i < w.n_tiles; ++i) {
         const int cur = tile + i, prev = tile + i - 1;
         turn_wait();
@@ -419,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     // The buffer goes back to the producer, whose next TMA write (async proxy) must follow these
     // ordinary accesses.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    fence_proxy_async();
     __syncwarp();
     if (lane == 0) mbar_arrive(q_empty(qb));
   }

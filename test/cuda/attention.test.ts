@@ -98,6 +98,37 @@ describe('prefillAttention on CUDA, head dim 128 across tile boundaries', () => 
   });
 });
 
+describe('prefillAttention on CUDA keeps sequences apart', () => {
+  // A tile of keys may run past its sequence into the next one (the Hopper kernel's TMA boxes do):
+  // a neighbour's inf or NaN keys and values must still never reach another sequence's output.
+  for (const dtype of ['bf16', 'f16'] as const) {
+    it(`non-finite K/V of one sequence leave the others' outputs exact (D=128, ${dtype})`, async () => {
+      const random = rng(300);
+      const heads = 8, kvHeads = 2, dim = 128;
+      const lens = [200, 150, 300];
+      const cu = offsets(lens);
+      const nk = cu.at(-1)!, rowLen = kvHeads * dim;
+      const k = normal(nk * rowLen, random), v = normal(nk * rowLen, random);
+      for (let i = cu[1]! * rowLen; i < cu[2]! * rowLen; i++) {
+        k[i] = Number.NaN;
+        v[i] = i % 2 ? Number.POSITIVE_INFINITY : Number.NaN;
+      }
+      const [q, qc] = await pair(normal(nk * heads * dim, random), [nk, heads, dim], dtype);
+      const [kg, kc] = await pair(k, [nk, kvHeads, dim], dtype);
+      const [vg, vc] = await pair(v, [nk, kvHeads, dim], dtype);
+      const opts = { cuSeqlensQ: cu, cuSeqlensK: cu, causal: true };
+      const gpuOut = ops.prefillAttention(q, kg, vg, opts).out, cpuOut = ops.prefillAttention(qc, kc, vc, opts).out;
+      const gpu = (await gpuOut.toArray()) as Float32Array, cpu = (await cpuOut.toArray()) as Float32Array;
+      const rowsOf = (a: Float32Array, b: number) => a.subarray(cu[b]! * heads * dim, cu[b + 1]! * heads * dim);
+      for (const b of [0, 2]) {
+        expect(rowsOf(gpu, b).every(Number.isFinite), `sequence ${b} finite`).toBe(true);
+        expect(maxAbsDiff(rowsOf(gpu, b), rowsOf(cpu, b)), `sequence ${b}`).toBeLessThan(2e-2);
+      }
+      disposeAll(q, kg, vg, qc, kc, vc, gpuOut, cpuOut);
+    });
+  }
+});
+
 describe('paged attention on CUDA', () => {
   const layouts = [
     { pageSize: 1, lens: [1, 5, 33] },
