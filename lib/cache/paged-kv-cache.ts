@@ -12,23 +12,20 @@
  * and the kernels see); `nextPosition` is the absolute position of its next token, which runs ahead
  * of `length` once pages were evicted. pageStarts gives every page's absolute first position.
  *
- * Quantized pages (`quant: { format, groupSize? }`): each layer has a pool of quantized pages
- * (ops.createQuantizedPages, numPages of them, ids from the BlockAllocator as before) and a
- * full-precision tail pool of `maxSequences` pages (ids from a second allocator). The last page of a
- * sequence lives in its tail page; when the tail is full and the next token comes, the layer
- * quantizes it (ops.quantizePages) into the quantized page id its slot got when the sequence grew,
- * and writes on from slot 0 of the same tail. The page table (pageTable, stagePageTable,
+ * Quantized pages (`quant: { format, groupSize? }`): each layer keeps quantized pages, with ids from
+ * the BlockAllocator as before, and a full-precision tail page per sequence that is quantized when it
+ * fills (QuantizedLayers, quantized-layers.ts, keeps both pools). The page table (pageTable, stagePageTable,
  * CacheStep.table) is the one ops.quantizedPagedDecodeAttention and ops.quantizedPagedPrefillAttention
  * (chunked prefill, with CacheStep.cuSeqlensQ) take: quantized ids, then the tail id. Quantized pages are never written again, so forks and the prefix cache share them without
  * copies (a fork copies the tail); the policies drop only pages quantized on every layer. Each layer
  * keeps its own count of quantized pages, so layers may still run ahead of each other.
  */
 import { DType, isDType } from '../dtype';
-import { errorAtCaller, invalid, KvflashError } from '../errors';
+import { errorAtCaller, invalid } from '../errors';
 import { appendPagedKV, KVPages } from '../ops/attention';
 import { createQuestMeta } from '../ops/quest';
 import { PageTable, StagedPageTable } from '../ops/page-table';
-import { createQuantizedPages, disposeQuantizedPages, QuantizedKVPages, quantizePages, TailPages } from '../ops/quant';
+import { QuantizedKVPages, TailPages } from '../ops/quant';
 import { DeviceName, Tensor } from '../tensor';
 import { AllocatorStats, BlockAllocator, checkPositiveInteger } from './block-allocator';
 import { EvictionPolicy, ObservationScores, SequenceView } from './policies/policy';
@@ -37,7 +34,8 @@ import { PrefixCache, PrefixCacheStats } from './prefix-cache';
 import { checkQuant, QuantizedCacheOptions } from './quant-options';
 import { PageArena } from './page-arena';
 import { PageTableBuilder } from './page-table-builder';
-import { ensureCapacity, quantizedSlots, rowProblem, Sequence, tokenIds, WriteItem } from './sequence';
+import { QuantizedLayers, QuantLayer } from './quantized-layers';
+import { ensureCapacity, Growth, quantizedSlots, rowProblem, Sequence, tokenIds, WriteItem } from './sequence';
 
 export interface PagedKVCacheOptions {
   layers: number;
@@ -119,24 +117,6 @@ export interface CompressResult {
   headPages: Int32Array[];
 }
 
-/** What growing one sequence needs, worked out before anything changes. */
-interface Growth {
-  seq: Sequence;
-  victims: Int32Array;
-  /** Where writes start and the length they reach, before the victims are dropped. */
-  writeFrom: number;
-  newLength: number;
-  /** The layer that writes (single-sequence append), or undefined for every layer (a step). */
-  layer?: number;
-  /** Where that write ends. */
-  writeEnd: number;
-}
-
-interface QuantLayer {
-  quant: QuantizedKVPages;
-  tail: TailPages;
-}
-
 const MAX_PAGE_SIZE = 256;
 /** A new sequence's page list until the arena places it. */
 const NO_PAGES = new Int32Array(0);
@@ -158,9 +138,9 @@ export class PagedKVCache {
   /** Tail pages per layer of a quantized cache (0 otherwise). */
   readonly maxSequences: number;
   readonly #allocator: BlockAllocator;
-  readonly #tails: BlockAllocator | undefined;
   #pools: KVPages[];
-  #quantLayers: QuantLayer[] = [];
+  /** A quantized cache's pools (then #pools and #questMeta stay empty). */
+  readonly #quantized: QuantizedLayers | undefined;
   /** Per layer, when Quest is on: [numPages, 2, kvHeads, headDim] channel min/max of each page's keys. */
   #questMeta: Tensor[] = [];
   readonly #sequences = new Map<number, Sequence>();
@@ -196,21 +176,14 @@ export class PagedKVCache {
     const maxSequences = opts.maxSequences === undefined ? DEFAULT_MAX_SEQUENCES : checkPositiveInteger(opts.maxSequences, 'maxSequences');
     this.maxSequences = this.quant ? maxSequences : 0;
     this.#allocator = new BlockAllocator(this.numPages);
-    this.#tails = this.quant ? new BlockAllocator(this.maxSequences) : undefined;
     this.prefix = opts.prefixCache ? new PrefixCache(this.#allocator, pageSize) : undefined;
     const shape = [this.numPages, pageSize, this.kvHeads, this.headDim];
     const tensorOpts = { dtype: this.dtype, device: opts.device ?? 'cpu' } as const;
     this.#pools = [];
     try {
-      for (let l = 0; l < this.layers; l++) {
-        if (this.quant) {
-          const tailShape = [this.maxSequences, pageSize, this.kvHeads, this.headDim];
-          const layer: QuantLayer = { quant: undefined!, tail: { kTail: Tensor.empty(tailShape, tensorOpts), vTail: undefined! } };
-          this.#quantLayers.push(layer);
-          layer.tail.vTail = Tensor.empty(tailShape, tensorOpts);
-          layer.quant = createQuantizedPages(this.numPages, pageSize, this.kvHeads, this.headDim, { ...this.quant, device: tensorOpts.device });
-          continue;
-        }
+      const layout = { layers: this.layers, numPages: this.numPages, pageSize, kvHeads: this.kvHeads, headDim: this.headDim, maxSequences: this.maxSequences, ...tensorOpts };
+      if (this.quant) this.#quantized = new QuantizedLayers({ ...layout, quant: this.quant }, this.#allocator, this.#arena);
+      else for (let l = 0; l < this.layers; l++) {
         this.#pools.push({ kPages: Tensor.empty(shape, tensorOpts), vPages: Tensor.empty(shape, tensorOpts) });
         if (opts.quest) this.#questMeta.push(createQuestMeta(this.#pools[l]!.kPages));
       }
@@ -218,7 +191,7 @@ export class PagedKVCache {
       this.disposePools();
       throw error;
     }
-    this.device = this.quant ? this.#quantLayers[0]!.tail.kTail.device : this.#pools[0]!.kPages.device;
+    this.device = this.#quantized ? this.#quantized.device : this.#pools[0]!.kPages.device;
     this.#tables = new PageTableBuilder(this.#arena, pageSize, this.quant !== undefined);
   }
 
@@ -313,7 +286,7 @@ export class PagedKVCache {
   /** A new sequence sharing every page of `seq` until one of them is written; returns its id. */
   fork(seq: number): number {
     const source = this.sequenceOf(seq);
-    if (source.tail >= 0 && this.#tails!.freeCount === 0) throw this.outOfTails(1);
+    if (source.tail >= 0 && this.#quantized!.tails.freeCount === 0) throw this.#quantized!.outOfTails(1, this.stats());
     const child: Sequence = {
       // Until place() below gives the child its own slot, a copy of this one.
       pages: source.pages,
@@ -333,13 +306,7 @@ export class PagedKVCache {
     };
     this.#arena.place(child, source.pages.length, source.count);
     for (let i = 0; i < quantizedSlots(source); i++) this.#allocator.retain(child.pages[i]!);
-    if (source.tail >= 0) {
-      // Quantized pages are shared as they are; the tail is the sequence's own, so it is copied on every layer.
-      child.tail = child.pages[child.count - 1] = this.#tails!.allocate();
-      for (const { tail } of this.#quantLayers) {
-        for (const pool of [tail.kTail, tail.vTail]) copyRows(pool, source.tail, child.tail);
-      }
-    }
+    if (source.tail >= 0) this.#quantized!.forkTail(source, child);
     const id = this.#nextId++;
     this.#sequences.set(id, child);
     this.#version++;
@@ -353,11 +320,8 @@ export class PagedKVCache {
       throw invalid('E_RANGE', 'length', `integer in [0, ${state.length}]`, length);
     }
     const keep = Math.ceil(length / this.pageSize);
-    if (this.quant) {
-      this.truncateQuantized(state, seq, length);
-      return;
-    }
-    for (let i = keep; i < state.count; i++) this.#allocator.release(state.pages[i]!);
+    if (this.#quantized) this.#quantized.truncate(state, seq, length);
+    else for (let i = keep; i < state.count; i++) this.#allocator.release(state.pages[i]!);
     state.mass.fill(0, keep, state.count);
     state.count = keep;
     state.rewrites++;
@@ -373,7 +337,7 @@ export class PagedKVCache {
   free(seq: number): void {
     const state = this.sequenceOf(seq);
     for (let i = 0; i < quantizedSlots(state); i++) this.#allocator.release(state.pages[i]!);
-    if (state.tail >= 0) this.#tails!.release(state.tail);
+    if (state.tail >= 0) this.#quantized!.tails.release(state.tail);
     this.#sequences.delete(seq);
     this.#arena.release(state);
     this.#tables.forget();
@@ -500,7 +464,7 @@ export class PagedKVCache {
     for (const state of this.#sequences.values()) tokens += state.length;
     const stats: CacheStats = { ...this.#allocator.stats(), sequences: this.#sequences.size, tokens, evictedPages: this.#evictedPages };
     if (this.prefix) stats.prefix = this.prefix.stats();
-    if (this.#tails) stats.tails = this.#tails.stats();
+    if (this.#quantized) stats.tails = this.#quantized.tails.stats();
     return stats;
   }
 
@@ -551,11 +515,11 @@ export class PagedKVCache {
       // New slots take quantized pages, except the last one when the sequence has no tail yet: that takes a tail.
       const needsTail = newPages > 0 && s.tail < 0;
       if (needsTail) tailDemand++;
-      demand += Math.max(0, newPages) - (needsTail ? 1 : 0) + this.sharedQuantizedPages(g);
+      demand += Math.max(0, newPages) - (needsTail ? 1 : 0) + this.#quantized!.sharedPages(g);
     }
     const free = this.#allocator.freeCount + freedByVictims;
     if (demand > free && demand > free + (this.prefix?.evictable ?? 0)) throw this.#allocator.outOfPages(demand, this.stats());
-    if (tailDemand > (this.#tails?.freeCount ?? 0)) throw this.outOfTails(tailDemand);
+    if (tailDemand > (this.#quantized?.tails.freeCount ?? 0)) throw this.#quantized!.outOfTails(tailDemand, this.stats());
     for (const g of growths) {
       const dropped = g.victims.length * P;
       this.dropPages(g.seq, g.victims);
@@ -565,7 +529,7 @@ export class PagedKVCache {
     }
     if (demand > this.#allocator.freeCount) this.prefix!.evict(demand - this.#allocator.freeCount);
     for (const g of growths) {
-      if (this.quant) this.growQuantized(g);
+      if (this.#quantized) this.#quantized.grow(g);
       else this.grow(g.seq, g.writeFrom, g.newLength);
     }
     this.#version++;
@@ -623,194 +587,16 @@ export class PagedKVCache {
     }
   }
 
-  /**
-   * Quantized slots a write quantizes ([from, to)): from the first page the writing layer(s) still
-   * hold in the tail, up to the page its write ends in (which stays in the tail), existing slots only.
-   */
-  private quantizedWriteRange(g: Growth): [number, number] {
-    const s = g.seq;
-    const from = g.layer === undefined ? Math.min(...s.quantized) : s.quantized[g.layer]!;
-    return [from, Math.min(quantizedSlots(s), Math.ceil(g.writeEnd / this.pageSize) - 1)];
-  }
-
-  /** Quantized pages that a write will quantize into and that another owner also holds (a fork taken while a layer was behind). */
-  private sharedQuantizedPages(g: Growth): number {
-    const [from, to] = this.quantizedWriteRange(g);
-    let shared = 0;
-    for (let i = from; i < to; i++) if (this.#allocator.refCount(g.seq.pages[i]!) > 1) shared++;
-    return shared;
-  }
-
-  /**
-   * Growth of a quantized cache's sequence: shared pages the write will quantize into are copied; when
-   * it reaches new pages, the old tail slot and every new slot but the last get quantized page ids
-   * (filled as each layer writes past them) and the last new slot is the tail (allocated if none).
-   */
-  private growQuantized(g: Growth): void {
-    const s = g.seq;
-    const P = this.pageSize;
-    const [from, to] = this.quantizedWriteRange(g);
-    for (let i = from; i < to; i++) {
-      const page = s.pages[i]!;
-      if (this.#allocator.refCount(page) <= 1) continue;
-      s.pages[i] = this.copyQuantizedPage(page);
-      s.rewrites++;
-    }
-    const pagesAfter = Math.ceil(g.newLength / P);
-    if (pagesAfter > s.count) {
-      ensureCapacity(this.#arena, s, pagesAfter);
-      // The tail's slot gets the quantized page its tail will be quantized into.
-      if (s.tail >= 0) s.rewrites++;
-      for (let i = quantizedSlots(s); i < pagesAfter - 1; i++) s.pages[i] = this.#allocator.allocate();
-      if (s.tail < 0) s.tail = this.#tails!.allocate();
-      s.pages[pagesAfter - 1] = s.tail;
-      for (let i = s.count; i < pagesAfter; i++) {
-        s.starts[i] = s.end + i * P - s.length;
-        s.mass[i] = 0;
-      }
-      s.count = pagesAfter;
-    }
-    if (g.newLength > s.length) {
-      s.end += g.newLength - s.length;
-      s.length = g.newLength;
-    }
-  }
-
-  /** Copy-on-write of a quantized page on every layer (codes, scales, mins); `page` loses this owner. */
-  private copyQuantizedPage(page: number): number {
-    const copy = this.#allocator.allocate();
-    for (const { quant } of this.#quantLayers) {
-      for (const t of [quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin]) if (t) copyRows(t, page, copy);
-    }
-    this.#allocator.release(page);
-    return copy;
-  }
-
-  /**
-   * @internal Writes k, v rows of `items` into `layer` of a quantized cache, whose slots reserve() made.
-   * Each item's rows fill its tail page from the layer's first unquantized page on; every page the
-   * write passes is quantized into its slot's page id. When no item passes more than a full tail
-   * (decode and short chunks) that is one quantizePages call for the full tails and one append into
-   * the tail pool (`staged` keeps that append's table for the other layers of a step); otherwise the
-   * pages go through a scratch pool of the pages written.
-   */
+  /** @internal Writes k, v rows of `items` into `layer` of a quantized cache, whose slots reserve() made (QuantizedLayers.write). */
   writeQuantized(layer: number, k: Tensor, v: Tensor, items: readonly WriteItem[], staged?: { table?: StagedPageTable }): void {
-    const P = this.pageSize;
-    const { quant, tail } = this.#quantLayers[layer]!;
-    const batch = items.length;
-    const first = new Int32Array(batch);
-    const last = new Int32Array(batch);
-    const sealSrc: number[] = [];
-    const sealDst: number[] = [];
-    let direct = true;
-    items.forEach((it, b) => {
-      first[b] = it.seq.quantized[layer]!;
-      last[b] = Math.ceil((it.from + it.n) / P) - 1;
-      if (last[b] === first[b]) return;
-      if (last[b] === first[b]! + 1 && it.from === last[b]! * P) {
-        sealSrc.push(it.seq.tail);
-        sealDst.push(it.seq.pages[first[b]!]!);
-      } else {
-        direct = false;
-      }
-    });
-    const rows = k.shape[0]!;
-    const batchIndices = new Int32Array(rows);
-    const positions = new Int32Array(rows);
-    const indptr = new Int32Array(batch + 1);
-    const lastPageLen = new Int32Array(batch);
-    // Rows go to pages numbered from each item's first page written, except in the direct case (from its last).
-    items.forEach((it, b) => {
-      const base = (direct ? last[b]! : first[b]!) * P;
-      for (let j = 0; j < it.n; j++) {
-        batchIndices[it.row + j] = b;
-        positions[it.row + j] = it.from + j - base;
-      }
-      indptr[b + 1] = indptr[b]! + (direct ? 1 : last[b]! - first[b]! + 1);
-      lastPageLen[b] = it.from + it.n - last[b]! * P;
-    });
-    if (direct) {
-      if (sealSrc.length > 0) quantizePages({ kSrc: tail.kTail, vSrc: tail.vTail, srcPages: Int32Array.from(sealSrc), dstPages: Int32Array.from(sealDst) }, quant);
-      let table: PageTable | StagedPageTable = { indptr, indices: Int32Array.from(items, (it) => it.seq.tail), lastPageLen };
-      if (staged) table = staged.table ??= new StagedPageTable(table, this.device as DeviceName);
-      appendPagedKV(k, v, { kPages: tail.kTail, vPages: tail.vTail }, table, { batchIndices, positions });
-    } else {
-      const scratchShape = [indptr[batch]!, P, this.kvHeads, this.headDim];
-      using kScratch = Tensor.empty(scratchShape, { dtype: this.dtype, device: this.device as DeviceName });
-      using vScratch = Tensor.empty(scratchShape, { dtype: this.dtype, device: this.device as DeviceName });
-      const src: number[] = [];
-      const dst: number[] = [];
-      items.forEach((it, b) => {
-        // The tokens the layer already holds in its tail start the first scratch page.
-        if (it.from > first[b]! * P) {
-          copyRows(kScratch, it.seq.tail, indptr[b]!, tail.kTail);
-          copyRows(vScratch, it.seq.tail, indptr[b]!, tail.vTail);
-        }
-        for (let page = first[b]!; page < last[b]!; page++) {
-          src.push(indptr[b]! + page - first[b]!);
-          dst.push(it.seq.pages[page]!);
-        }
-      });
-      const indices = Int32Array.from({ length: indptr[batch]! }, (_, i) => i);
-      appendPagedKV(k, v, { kPages: kScratch, vPages: vScratch }, { indptr, indices, lastPageLen }, { batchIndices, positions });
-      if (src.length > 0) quantizePages({ kSrc: kScratch, vSrc: vScratch, srcPages: Int32Array.from(src), dstPages: Int32Array.from(dst) }, quant);
-      items.forEach((it, b) => {
-        copyRows(tail.kTail, indptr[b + 1]! - 1, it.seq.tail, kScratch);
-        copyRows(tail.vTail, indptr[b + 1]! - 1, it.seq.tail, vScratch);
-      });
-    }
-    items.forEach((it, b) => {
-      it.seq.quantized[layer] = last[b]!;
-      it.seq.written[layer] = it.from + it.n;
-    });
-  }
-
-  /**
-   * truncate() on a quantized cache: within the tail page the tail is simply cut; before it only to a
-   * page boundary that every layer has quantized (a quantized page cannot be cut), dropping the tail.
-   */
-  private truncateQuantized(state: Sequence, seq: number, length: number): void {
-    const P = this.pageSize;
-    const quantized = quantizedSlots(state);
-    const keep = Math.ceil(length / P);
-    if (state.tail < 0 || length <= quantized * P) {
-      if (length % P !== 0) {
-        const within = state.tail < 0 ? '' : `above ${quantized * P} (within its tail page) or `;
-        throw errorAtCaller('E_UNSUPPORTED', `Expected a length for truncate of sequence ${seq} ${within}at a page boundary (a multiple of ${P}) but received ${length}: a quantized page cannot be cut`);
-      }
-      for (let l = 0; l < this.layers; l++) {
-        if (state.written[l]! < length || state.quantized[l]! < keep) {
-          throw errorAtCaller('E_UNSUPPORTED', `Expected every layer of sequence ${seq} to have written and quantized its first ${keep} page(s) for truncate to ${length} but layer ${l} has written ${state.written[l]} tokens and quantized ${state.quantized[l]} page(s) (write that layer on first)`);
-        }
-      }
-      for (let i = keep; i < quantized; i++) this.#allocator.release(state.pages[i]!);
-      if (state.tail >= 0) this.#tails!.release(state.tail);
-      state.tail = -1;
-      state.quantized.fill(keep);
-    }
-    state.mass.fill(0, keep, state.count);
-    state.count = keep;
-    state.rewrites++;
-    state.length = length;
-    state.end = keep === 0 ? 0 : state.starts[keep - 1]! + length - (keep - 1) * P;
-    for (let l = 0; l < this.layers; l++) state.written[l] = Math.min(state.written[l]!, length);
-    if (state.prompt) state.prompt = state.prompt.subarray(0, Math.min(state.prompt.length, length));
-    state.published = Math.min(state.published, Math.floor(length / P));
-    this.#version++;
-  }
-
-  /** The E_OOM for `requested` tail pages, with the stats. */
-  private outOfTails(requested: number): KvflashError {
-    const stats = this.stats();
-    const error = errorAtCaller('E_OOM', `Expected ${requested} free tail page(s) but ${this.#tails!.freeCount} of maxSequences = ${this.maxSequences} are free (every sequence holding tokens has one; raise maxSequences) (${JSON.stringify(stats)})`);
-    return Object.assign(error, { stats });
+    this.#quantized!.write(layer, k, v, items, staged);
   }
 
   private quantLayer(layer: number, name: string): QuantLayer {
     this.checkLive();
     this.checkLayer(layer);
-    if (!this.quant) throw errorAtCaller('E_UNSUPPORTED', `Expected a PagedKVCache made with quant for ${name}(layer) but this one holds full-precision pages: use pages(layer)`);
-    return this.#quantLayers[layer]!;
+    if (!this.#quantized) throw errorAtCaller('E_UNSUPPORTED', `Expected a PagedKVCache made with quant for ${name}(layer) but this one holds full-precision pages: use pages(layer)`);
+    return this.#quantized.layer(layer);
   }
 
   /** Copy-on-write: a fresh page holding `page`'s keys and values on every layer; `page` loses this owner. */
@@ -919,21 +705,8 @@ export class PagedKVCache {
       pool.vPages.dispose();
     }
     for (const meta of this.#questMeta) meta.dispose();
-    for (const { quant, tail } of this.#quantLayers) {
-      if (quant) disposeQuantizedPages(quant);
-      tail.kTail?.dispose();
-      tail.vTail?.dispose();
-    }
+    this.#quantized?.dispose();
     this.#pools = [];
     this.#questMeta = [];
-    this.#quantLayers = [];
   }
 }
-
-/** Copies row `from` of `source` (default `t` itself) into row `to` of `t` (dim 0: pages). */
-function copyRows(t: Tensor, from: number, to: number, source: Tensor = t): void {
-  using dst = t.slice(to, to + 1);
-  using src = source.slice(from, from + 1);
-  dst.copyFrom(src);
-}
-

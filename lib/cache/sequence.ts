@@ -25,6 +25,19 @@ export interface Sequence extends PageSlot {
   quantized: Int32Array;
 }
 
+/** What growing one sequence needs, worked out before anything changes. */
+export interface Growth {
+  seq: Sequence;
+  victims: Int32Array;
+  /** Where writes start and the length they reach, before the victims are dropped. */
+  writeFrom: number;
+  newLength: number;
+  /** The layer that writes (single-sequence append), or undefined for every layer (a step). */
+  layer?: number;
+  /** Where that write ends. */
+  writeEnd: number;
+}
+
 /** One sequence's rows of a layer write: k, v rows [row, row + n) go to slots [from, from + n). */
 export interface WriteItem {
   seq: Sequence;
