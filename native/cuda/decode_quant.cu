@@ -382,9 +382,12 @@ struct Geo {
   static constexpr int STAGE = 2 * TT * ROWB + SLOTS * SLOT_BYTES + VSTAT_BYTES + SLOTS * 4;
   static constexpr int Q_BYTES = 16 * D * 2;
   static constexpr int TAIL_BYTES = 2 * 16 * D * 2;  // one 16-token step of tail K and V rows (2-byte T)
-  // The deepest ring (4, 3 or 2 stages) within ~60 or ~72 KB per block (4 or 3 blocks per SM).
+  // Up to D = 128 the kernel fits in 128 registers (launch bounds below), so four blocks share an SM
+  // and the ring is the deepest (4, 3 or 2 stages) within ~56 KB per block; at D = 256 the deepest
+  // within ~60 or ~72 KB (4 or 3 blocks per SM, registers permitting).
   static constexpr int EXTRA = Q_BYTES + TAIL_BYTES;
-  static constexpr int STAGES = 4 * STAGE + EXTRA <= 60 * 1024 ? 4 : 3 * STAGE + EXTRA <= 72 * 1024 ? 3 : 2;
+  static constexpr int BUDGET4 = D <= 128 ? 56 * 1024 : 60 * 1024, BUDGET3 = D <= 128 ? 56 * 1024 : 72 * 1024;
+  static constexpr int STAGES = 4 * STAGE + EXTRA <= BUDGET4 ? 4 : 3 * STAGE + EXTRA <= BUDGET3 ? 3 : 2;
   static constexpr int MERGE_BYTES = (kWarps * 16 * D + 2 * kWarps * 16) * 4;
   static constexpr int RING = STAGES * STAGE;
   static constexpr int SMEM = (RING > MERGE_BYTES ? RING : MERGE_BYTES) + Q_BYTES + TAIL_BYTES;
@@ -404,7 +407,7 @@ struct Geo {
 // each lane owns a contiguous eighth of the channels (output columns permuted, undone in the merge)
 // and pairs two tokens per register.
 template <typename T, int D, int BITS>
-__global__ void __launch_bounds__(kThreads) quant_mma_decode_kernel(const QuantDecodeArgs a) {
+__global__ void __launch_bounds__(kThreads, D <= 128 ? 4 : 1) quant_mma_decode_kernel(const QuantDecodeArgs a) {
   using G = Geo<D, BITS>;
   constexpr int B = G::B, ROWB = G::ROWB, TT = G::TT, CPR = G::CPR, KLB = G::KLB, VLB = G::VLB;
   constexpr int NT = D / 8;  // 8-wide output column tiles
