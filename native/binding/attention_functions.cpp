@@ -128,21 +128,12 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   KV_CHECK(in.table->rows_per_sequence == 1 || in.table->rows_per_sequence == in.k_pages.size(2), Shape,
            "Expected a table with one row per sequence or per KV head (", in.k_pages.size(2), ") but received ",
            in.table->rows_per_sequence, " rows per sequence");
-  p.scale = static_cast<float>(get_number(info[4], "scale"));
-  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
-           p.scale);
-  const Device device = q.device();
-  Tensor out = empty(q.shape(), q.dtype(), device);
-  Tensor lse = lse_tensor(get_bool(info[5], "returnLse"), q.size(0), p.shape.num_q_heads, device);
-  p.batch = in.table->batch;
-  p.max_pages_per_seq = in.table->max_pages;
+  p.scale = get_scale(info[4]);
+  const QueryOutputs o = bind_decode_queries(p, q, *in.table, get_bool(info[5], "returnLse"));
   p.splits = static_cast<int>(get_int(info[6], "splits", 0, 256));
-  p.q = q.data();
-  p.out = out.data();
-  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
   p.kv = in.kv;
-  backend_for(device).paged_decode(device, p);
-  return results(info.Env(), out, lse);
+  backend_for(q.device()).paged_decode(q.device(), p);
+  return results(info.Env(), o.out, o.lse);
 }
 
 // attentionMass(q, kPages, table, lse, cuSeqlensQ, causal, scale, perPage) -> [f32 [rows, Hkv], rows]
@@ -173,9 +164,7 @@ Napi::Value attention_mass(const Napi::CallbackInfo& info) {
   int max_q = 0;
   p.batch = check_offsets(cu_q, q.size(0), "cuSeqlensQ", "q", &max_q);
   p.causal = get_bool(info[5], "causal");
-  p.scale = static_cast<float>(get_number(info[6], "scale"));
-  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
-           p.scale);
+  p.scale = get_scale(info[6]);
   p.per_page = get_bool(info[7], "perPage");
   std::vector<int32_t> token_offsets(p.batch + 1, 0);
   for (int b = 0; b < p.batch; ++b) {
@@ -267,13 +256,17 @@ Napi::Value append_paged_kv(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+float get_scale(const Napi::Value& v) {
+  const float scale = static_cast<float>(get_number(v, "scale"));
+  KV_CHECK(std::isfinite(scale) && scale > 0, Range, "Expected a positive finite number for scale but received ", scale);
+  return scale;
+}
+
 AttentionMask get_mask(const Napi::CallbackInfo& info, int first_arg) {
   AttentionMask m;
   m.causal = get_bool(info[first_arg], "causal");
   m.window_left = static_cast<int>(get_int(info[first_arg + 1], "windowLeft", -1, INT32_MAX));
-  m.scale = static_cast<float>(get_number(info[first_arg + 2], "scale"));
-  KV_CHECK(std::isfinite(m.scale) && m.scale > 0, Range, "Expected a positive finite number for scale but received ",
-           m.scale);
+  m.scale = get_scale(info[first_arg + 2]);
   return m;
 }
 

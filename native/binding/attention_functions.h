@@ -11,6 +11,9 @@
 
 namespace kvflash::binding {
 
+// The softmax scale of an attention op: a positive finite number.
+float get_scale(const Napi::Value& v);
+
 // causal, windowLeft, scale at info[first_arg ..]: windowLeft >= -1, scale positive and finite.
 AttentionMask get_mask(const Napi::CallbackInfo& info, int first_arg);
 
@@ -26,7 +29,8 @@ Tensor lse_tensor(bool wanted, int64_t rows, int heads, const Device& device);
 Napi::Value results(Napi::Env env, const Tensor& out, const Tensor& lse);
 
 // The query side both prefills share: the output (and lse) tensors, cuSeqlensQ on the device, and the
-// params fields pointing at them; the tensors live as long as the returned struct.
+// params fields pointing at them; the tensors live as long as the returned struct (cu_q_dev stays
+// empty for the decodes).
 struct QueryOutputs {
   Tensor out, lse, cu_q_dev;
 };
@@ -43,6 +47,21 @@ QueryOutputs bind_queries(Params& p, const Tensor& q, const HostInts& cu_q, bool
   p.lse = o.lse.defined() ? o.lse.data_as<float>() : nullptr;
   p.cu_seqlens_q = o.cu_q_dev.data_as<int32_t>();
   p.cu_seqlens_q_host = cu_q.data;
+  return o;
+}
+
+// The query side both decodes share (one query row per sequence of the table): the output (and lse)
+// tensors and the params fields pointing at them, batch and max_pages_per_seq from the table.
+template <typename Params>
+QueryOutputs bind_decode_queries(Params& p, const Tensor& q, const StagedPageTable& table, bool return_lse) {
+  QueryOutputs o;
+  o.out = empty(q.shape(), q.dtype(), q.device());
+  o.lse = lse_tensor(return_lse, q.size(0), p.shape.num_q_heads, q.device());
+  p.batch = table.batch;
+  p.max_pages_per_seq = table.max_pages;
+  p.q = q.data();
+  p.out = o.out.data();
+  p.lse = o.lse.defined() ? o.lse.data_as<float>() : nullptr;
   return o;
 }
 

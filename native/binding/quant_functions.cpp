@@ -2,7 +2,6 @@
 // dequantizePages, quantizedPagedDecode, quantizedPagedPrefill. Every shape, dtype, device and index is
 // checked here, on the host, before a kernel runs.
 #include <algorithm>
-#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -241,19 +240,10 @@ Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
   p.shape = in.shape;
   p.quant = in.quant;
   p.kv = in.kv;
-  p.scale = static_cast<float>(get_number(info[12], "scale"));
-  KV_CHECK(std::isfinite(p.scale) && p.scale > 0, Range, "Expected a positive finite number for scale but received ",
-           p.scale);
-  const Device device = q.device();
-  Tensor out = empty(q.shape(), q.dtype(), device);
-  Tensor lse = lse_tensor(get_bool(info[13], "returnLse"), q.size(0), p.shape.num_q_heads, device);
-  p.batch = in.table->batch;
-  p.max_pages_per_seq = in.table->max_pages;
-  p.q = q.data();
-  p.out = out.data();
-  p.lse = lse.defined() ? lse.data_as<float>() : nullptr;
-  if (p.batch > 0) backend_for(device).quantized_paged_decode(device, p);
-  return results(info.Env(), out, lse);
+  p.scale = get_scale(info[12]);
+  const QueryOutputs o = bind_decode_queries(p, q, *in.table, get_bool(info[13], "returnLse"));
+  if (p.batch > 0) backend_for(q.device()).quantized_paged_decode(q.device(), p);
+  return results(info.Env(), o.out, o.lse);
 }
 
 // quantizedPagedPrefill(q, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin, kTail, vTail, table,
