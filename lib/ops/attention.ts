@@ -66,13 +66,18 @@ export function defaultScale(q: Tensor): number {
   return 1 / Math.sqrt(q.shape[2] ?? 1);
 }
 
+/** @internal A prefill's causal, windowLeft, scale and returnLse arguments, defaults filled in. */
+export function maskArgs(q: Tensor, opts: MaskOptions): readonly [boolean, number, number, boolean] {
+  return [opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false];
+}
+
 /** Attention of a ragged batch of queries over a ragged batch of keys and values. */
 export function prefillAttention(q: Tensor, k: Tensor, v: Tensor, opts: PrefillOptions): AttentionResult {
   const cuQ = toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
   const cuK = toInt32Array(opts.cuSeqlensK, 'cuSeqlensK');
   const handles = [q.handle(), k.handle(), v.handle()] as const;
   const result = callNative(() =>
-    native().prefill(...handles, cuQ, cuK, opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false),
+    native().prefill(...handles, cuQ, cuK, ...maskArgs(q, opts)),
   );
   return wrapResult(q, result);
 }
@@ -82,9 +87,7 @@ export function pagedPrefillAttention(q: Tensor, pages: KVPages, table: PageTabl
   const cuQ = toInt32Array(opts.cuSeqlensQ, 'cuSeqlensQ');
   const handles = [q.handle(), pages.kPages.handle(), pages.vPages.handle()] as const;
   const result = withStagedTable(table, q.device, (staged) =>
-    callNative(() =>
-      native().pagedPrefill(...handles, staged, cuQ, opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false),
-    ),
+    callNative(() => native().pagedPrefill(...handles, staged, cuQ, ...maskArgs(q, opts))),
   );
   return wrapResult(q, result);
 }

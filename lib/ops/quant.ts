@@ -15,7 +15,7 @@
 import { callNative, invalid } from '../errors';
 import { native, TensorHandle } from '../native';
 import { DeviceName, Tensor } from '../tensor';
-import { defaultScale, wrapResult } from './attention';
+import { defaultScale, maskArgs, wrapResult } from './attention';
 import type { AttentionResult, DecodeOptions, PagedPrefillOptions } from './attention';
 import { IntArray, toInt32Array } from './int-arrays';
 import { PageTable, StagedPageTable, withStagedTable } from './page-table';
@@ -153,9 +153,8 @@ export function quantizedPagedPrefillAttention(q: Tensor, quant: QuantizedKVPage
   const qh = q.handle();
   const layer = layerHandles(quant);
   const tails = [tail.kTail.handle(), tail.vTail.handle()] as const;
-  const mask = [opts.causal ?? true, opts.windowLeft ?? -1, opts.scale ?? defaultScale(q), opts.returnLse ?? false] as const;
   const result = withStagedTable(table, q.device, (staged) =>
-    callNative(() => native().quantizedPagedPrefill(qh, ...layer, ...tails, staged, cuQ, ...mask)),
+    callNative(() => native().quantizedPagedPrefill(qh, ...layer, ...tails, staged, cuQ, ...maskArgs(q, opts))),
   );
   return wrapResult(q, result);
 }
