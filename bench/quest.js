@@ -6,6 +6,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const { backend, ops } = require('../dist/cjs/index.js');
 const { randomTensor, timeGpu } = require('./timing.js');
+const { scatteredTable } = require('./paged-layout.js');
 
 const shapes = JSON.parse(fs.readFileSync(path.join(__dirname, 'shapes.json'), 'utf8'));
 const { heads, kvHeads, headDim, pageSize } = shapes;
@@ -18,15 +19,8 @@ async function main() {
   if (info.name !== 'cuda') throw new Error(`the GPU benchmark needs the CUDA backend: ${info.reason}`);
   const results = [];
   for (const length of LENGTHS) {
-    const pages = length / pageSize;
-    // Pages scattered over the pool in a fixed shuffled order.
-    const order = Int32Array.from({ length: pages }, (_, i) => i);
-    for (let i = pages - 1, s = 11; i > 0; i--) {
-      s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-      const j = s % (i + 1);
-      [order[i], order[j]] = [order[j], order[i]];
-    }
-    const table = new ops.StagedPageTable({ indptr: [0, pages], indices: order, lastPageLen: [pageSize] }, device);
+    const { numPages: pages, table: layout } = scatteredTable(1, length, pageSize, 11);
+    const table = new ops.StagedPageTable(layout, device);
     const kPages = randomTensor([pages, pageSize, kvHeads, headDim], { seed: 21 });
     const vPages = randomTensor([pages, pageSize, kvHeads, headDim], { seed: 22 });
     const q = randomTensor([1, heads, headDim], { seed: 23 });
