@@ -239,6 +239,27 @@ describe('paged attention on CUDA', () => {
     disposeAll(kPages, kc, vPages, vc, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse);
   });
 
+  it('decodes a 1M-token context (a small pool, pages repeated in the table)', async () => {
+    // 65536 table entries of 16 tokens: positions and page offsets past 2^20 elements per head, the
+    // deepest split plan, and a 3-token neighbour that must stay exact beside it.
+    const random = rng(303);
+    const [heads, kvHeads, dim, pageSize, poolPages] = [8, 2, 64, 16, 512];
+    const longPages = 1 << 16;
+    const indices = Int32Array.from({ length: longPages + 1 }, () => Math.floor(random() * poolPages));
+    const table = { indptr: Int32Array.of(0, longPages, longPages + 1), indices, lastPageLen: Int32Array.of(pageSize, 3) };
+    const poolShape = [poolPages, pageSize, kvHeads, dim];
+    const poolSize = poolPages * pageSize * kvHeads * dim;
+    const [kPages, kc] = await pair(normal(poolSize, random), poolShape, 'bf16');
+    const [vPages, vc] = await pair(normal(poolSize, random), poolShape, 'bf16');
+    // Twice unit scale: a peaked softmax, so the output depends on which pages were read where.
+    const [q, qc] = await pair(normal(2 * heads * dim, random).map((x) => 2 * x), [2, heads, dim], 'bf16');
+    const gpu = ops.pagedDecodeAttention(q, { kPages, vPages }, table, { returnLse: true });
+    const cpu = ops.pagedDecodeAttention(qc, { kPages: kc, vPages: vc }, table, { returnLse: true });
+    await expectClose(gpu.out, cpu.out, 2e-2, 'out');
+    await expectClose(gpu.lse!, cpu.lse!, 1e-3, 'lse');
+    disposeAll(kPages, kc, vPages, vc, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse);
+  });
+
   for (const pageSize of [1, 16, 256]) {
     it(`appendPagedKV writes the same bytes as the CPU reference (P=${pageSize})`, async () => {
       const random = rng(400 + pageSize);
