@@ -3,18 +3,22 @@
 // rows of a 16-row tensor-core tile (m16n8k16): a decode step is two tiny matrix products per 16
 // tokens, which leaves the CUDA cores free and the kernel bound by memory even at group size 8+.
 //
-// Data flow: cp.async copies 64-token tiles of K and V (16-byte chunks, page lookups per row) into a
-// multi-stage shared-memory ring; warps split each tile's tokens, read it with ldmatrix, and keep an
-// online softmax in float32. Warps merge in shared memory at the end. When the grid would not fill
-// the GPU, the sequence is split across blocks (split-K) and a second kernel merges the partial
-// (out, lse) pairs by their log-sum-exp.
+// Data flow: the block's token range is cut into 16-token steps dealt round-robin to slices (groups
+// of warps that read the same rows; one warp per slice up to group size 16). Each slice streams its
+// own steps through its own cp.async ring of 16-token slots (16-byte chunks, page lookups per row),
+// synchronizing only its own warps. A slice lifts a step's K and V fragments into registers
+// (ldmatrix) and refills the slot at once, before the math, so no slot waits on the tensor cores or
+// the online softmax (float32) and no warp waits on another. Warps merge in shared memory at the
+// end. When the grid would not fill the GPU, the sequence is split across blocks (split-K) and a
+// second kernel merges the partial (out, lse) pairs by their log-sum-exp.
 #include "decode.h"
 #include "decode_common.cuh"
 
 namespace kvflash::cuda {
 namespace {
 
-constexpr int kTile = 64;  // tokens per pipeline stage
+constexpr int kTile = 64;  // tokens: splits cover whole tiles, so only a sequence's last step is partial
+constexpr int kStep = 16;  // tokens per ring slot and per mma step
 
 struct DecodeArgs {
   const void* q;
@@ -34,30 +38,47 @@ struct DecodeArgs {
 
 // ---- the decode kernel -----------------------------------------------------------------------
 
+// Orders the threads of one slice: a warp's own, or a named barrier over the slice's warps.
+template <int THREADS>
+__device__ __forceinline__ void slice_sync(int slice) {
+  if constexpr (THREADS == 32) {
+    __syncwarp();
+  } else {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(1 + slice), "n"(THREADS) : "memory");
+  }
+}
+
 // T: element type of q, pages and out.
 // D: head dimension.
-// MTILES: 16-head tiles per block (group sizes up to 16 * MTILES); warps share tiles by splitting tokens.
-// STAGES: depth of the cp.async ring.
-template <typename T, int D, int MTILES, int STAGES>
+// MTILES: 16-head tiles per block (group sizes up to 16 * MTILES); the MTILES warps of a slice share
+//   its rows, one head tile each.
+// SLOTS: depth of each slice's ring, in 16-token slots.
+template <typename T, int D, int MTILES, int SLOTS>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs a) {
-  constexpr int CPR = D / 8;               // 16-byte chunks per row
-  constexpr int ROW_STEP = kThreads / CPR;  // rows the block copies per pass
-  constexpr int RPT = kTile / ROW_STEP;     // rows each thread copies per tile
-  constexpr int SLICES = kWarps / MTILES;   // warps per head tile, each on its share of the tokens
-  constexpr int WARP_TOKENS = kTile / SLICES;
+  constexpr int SLICES = kWarps / MTILES;
+  constexpr int SLICE_THREADS = 32 * MTILES;
+  constexpr int CPR = D / 8;                       // 16-byte chunks per row
+  constexpr int ROW_STEP = SLICE_THREADS / CPR;    // rows a slice copies per pass
+  constexpr int RPT = kStep / ROW_STEP;            // rows each thread copies per step
   constexpr int HEADS = 16 * MTILES;
-  constexpr int NT = D / 8;  // 8-wide column tiles of the output
-  static_assert(WARP_TOKENS % 16 == 0, "a warp consumes whole 16-token steps");
+  constexpr int NT = D / 8;                        // 8-wide column tiles of the output
+  constexpr int SLOT = 2 * kStep * D;              // elements of a slot: K rows, then V rows
+  // V fragments held in registers let the slot go before the math; at D = 256 they would not fit
+  // beside the accumulators, so there the slot is refilled after the step.
+  constexpr bool kEarlyRefill = D <= 128;
+  static_assert(ROW_STEP >= 1 && kStep % ROW_STEP == 0, "a slice copies whole rows");
 
   extern __shared__ __align__(128) unsigned char smem[];
-  T* kv_s = reinterpret_cast<T*>(smem);          // [STAGES][K, V][kTile][D]
-  T* q_s = kv_s + STAGES * 2 * kTile * D;         // [HEADS][D]
+  T* ring = reinterpret_cast<T*>(smem);            // [SLICES][SLOTS][K, V][kStep][D]
+  T* q_s = ring + SLICES * SLOTS * SLOT;           // [HEADS][D]
 
   const int hk = blockIdx.x / a.head_chunks;
   const int head_chunk = blockIdx.x % a.head_chunks;
   const int split = blockIdx.y;
   const int b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int mtile = warp % MTILES;
+  const int slice = warp / MTILES;
 
   // Launched early (programmatic): nothing above reads memory.
   wait_for_previous_grid();
@@ -68,56 +89,63 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
   const int npages = a.indptr[table_row + 1] - page_begin;
   const int page_size = 1 << a.log2_page;
   const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[table_row] : 0;
-  // Whole tiles per split, so only the last tile of a sequence is ever partial.
   const int per_split = ((len + a.num_splits - 1) / a.num_splits + kTile - 1) / kTile * kTile;
   const int start = split * per_split;
   const int end = min(len, start + per_split);
-  const int ntiles = start < end ? (end - start + kTile - 1) / kTile : 0;
+  // Steps of the block's range, dealt round-robin to the slices.
+  const int nsteps = start < end ? (end - start + kStep - 1) / kStep : 0;
+  const int my_steps = nsteps > slice ? (nsteps - slice + SLICES - 1) / SLICES : 0;
 
   const int head0 = head_chunk * HEADS;
   const int nheads = min(HEADS, a.group - head0);
   const int qh0 = hk * a.group + head0;
 
+  // The block's query rows, as their own copy group (padding rows are zeros).
+  const T* q_rows = static_cast<const T*>(a.q) + (static_cast<int64_t>(b) * a.num_heads + qh0) * D;
   for (int i = tid; i < HEADS * CPR; i += kThreads) {
     const int r = i / CPR, c = i % CPR;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < nheads) {
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) +
-                                          (static_cast<int64_t>(b) * a.num_heads + qh0 + r) * D + c * 8);
-    }
-    *reinterpret_cast<uint4*>(q_s + swz<D>(r, c)) = v;
+    cp_async16(smem_addr(q_s + swz<D>(r, c)), q_rows + (r < nheads ? r * D + c * 8 : 0), r < nheads);
   }
+  cp_async_commit();
 
-  // Each thread copies chunk `cc` of rows r0, r0 + ROW_STEP, ...; page ids for the next tile are
-  // loaded one iteration early so the copy never waits on the page-table read.
-  const int cc = tid % CPR, r0 = tid / CPR;
+  // Each thread copies chunk `cc` of rows r0, r0 + ROW_STEP, ... of its slice's steps; page ids are
+  // loaded one step early so a copy never waits on the page-table read.
+  const int st = tid % SLICE_THREADS;
+  const int cc = st % CPR, r0 = st / CPR;
   const int64_t page_stride = static_cast<int64_t>(page_size) * a.num_kv_heads * D;
   const int64_t row_stride = static_cast<int64_t>(a.num_kv_heads) * D;
   const T* kp = static_cast<const T*>(a.k_pages) + hk * D + cc * 8;
   const T* vp = static_cast<const T*>(a.v_pages) + hk * D + cc * 8;
   const int32_t* seq_pages = a.indices + page_begin;
+  T* my_ring = ring + slice * SLOTS * SLOT;
   int pg[RPT];
 
-  auto load_pages = [&](int tile) {
+  const auto step_start = [&](int j) { return start + (slice + j * SLICES) * kStep; };
+  auto load_pages = [&](int j) {
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
-      const int pos = start + tile * kTile + r0 + i * ROW_STEP;
+      const int pos = step_start(j) + r0 + i * ROW_STEP;
       pg[i] = pos < end ? __ldg(seq_pages + (pos >> a.log2_page)) : 0;
     }
   };
-  auto issue = [&](int tile, int stage) {
-    T* ks = kv_s + stage * 2 * kTile * D;
-    T* vs = ks + kTile * D;
+  // Copies step j into its slot (nothing past the slice's last step) and closes its copy group.
+  auto issue = [&](int j) {
+    if (j < my_steps) {
+      T* ks = my_ring + (j % SLOTS) * SLOT;
+      T* vs = ks + kStep * D;
 #pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-      const int r = r0 + i * ROW_STEP;
-      const int pos = start + tile * kTile + r;
-      const bool valid = pos < end;
-      const int64_t off = valid ? pg[i] * page_stride + (pos & (page_size - 1)) * row_stride : 0;
-      const int so = swz<D>(r, cc);
-      cp_async16(smem_addr(ks + so), kp + off, valid);
-      cp_async16(smem_addr(vs + so), vp + off, valid);
+      for (int i = 0; i < RPT; ++i) {
+        const int r = r0 + i * ROW_STEP;
+        const int pos = step_start(j) + r;
+        const bool valid = pos < end;
+        const int64_t off = valid ? pg[i] * page_stride + (pos & (page_size - 1)) * row_stride : 0;
+        const int so = swz<D>(r, cc);
+        cp_async16(smem_addr(ks + so), kp + off, valid);
+        cp_async16(smem_addr(vs + so), vp + off, valid);
+      }
     }
+    load_pages(j + 1);
+    cp_async_commit();
   };
 
   float o[NT][4];
@@ -125,56 +153,60 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeArgs
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows lane/4 and lane/4 + 8 (log2 domain)
   float l[2] = {0.f, 0.f};              // this lane's share of the running denominators
-
-  const int mtile = warp % MTILES;
-  const int slice = warp / MTILES;
   const uint32_t q_base = smem_addr(q_s);
 
   load_pages(0);
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ntiles) issue(s, s);
-    load_pages(s + 1);
-    cp_async_commit();
-  }
+  for (int s = 0; s < SLOTS; ++s) issue(s);
+  cp_async_wait<SLOTS>();  // the query rows (the steps may still be in flight)
+  __syncthreads();
 
-  for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile t landed for everyone, and everyone is done with the stage refilled next
-    const int tn = t + STAGES - 1;
-    if (tn < ntiles) issue(tn, tn % STAGES);
-    load_pages(tn + 1);
-    cp_async_commit();
-
-    const T* ks = kv_s + (t % STAGES) * 2 * kTile * D;
+  for (int j = 0; j < my_steps; ++j) {
+    cp_async_wait<SLOTS - 1>();
+    slice_sync<SLICE_THREADS>(slice);  // step j landed for the whole slice
+    const T* ks = my_ring + (j % SLOTS) * SLOT;
     const uint32_t k_base = smem_addr(ks);
-    const uint32_t v_base = smem_addr(ks + kTile * D);
+    const uint32_t v_base = smem_addr(ks + kStep * D);
+    const int pos0 = step_start(j);
 
+    uint32_t kf[D / 16][4], vf[kEarlyRefill ? D / 16 : 1][4];
 #pragma unroll
-    for (int sub = 0; sub < WARP_TOKENS / 16; ++sub) {
-      const int tr0 = slice * WARP_TOKENS + sub * 16;  // first tile row of this step
-      const int pos0 = start + t * kTile + tr0;
-      if (pos0 >= end) break;  // warp-uniform: the rest of the tile is past the sequence
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm_x4(kf[kk], k_base + 2 * swz<D>((lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
+    if constexpr (kEarlyRefill) {
+#pragma unroll
+      for (int jj = 0; jj < D / 16; ++jj)
+        ldsm_x4_trans(vf[jj], v_base + 2 * swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, jj * 2 + (lane >> 4)));
+      slice_sync<SLICE_THREADS>(slice);  // the slot is read: refill it while the math runs
+      issue(j + SLOTS);
+    }
 
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[4], kb[4];
-        ldsm_x4(qa, q_base + 2 * swz<D>(mtile * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        ldsm_x4(kb, k_base + 2 * swz<D>(tr0 + (lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
-        Elem<T>::mma(s[0], qa, kb[0], kb[1]);
-        Elem<T>::mma(s[1], qa, kb[2], kb[3]);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4];
+      ldsm_x4(qa, q_base + 2 * swz<D>(mtile * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+      Elem<T>::mma(s[0], qa, kf[kk][0], kf[kk][1]);
+      Elem<T>::mma(s[1], qa, kf[kk][2], kf[kk][3]);
+    }
+
+    uint32_t pa[4];
+    softmax_step<T, NT>(s, pos0, end, a.scale_log2, m, l, o, pa);
+#pragma unroll
+    for (int jj = 0; jj < D / 16; ++jj) {
+      uint32_t vb[4];
+      if constexpr (kEarlyRefill) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) vb[e] = vf[jj][e];
+      } else {
+        ldsm_x4_trans(vb, v_base + 2 * swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, jj * 2 + (lane >> 4)));
       }
-
-      uint32_t pa[4];
-      softmax_step<T, NT>(s, pos0, end, a.scale_log2, m, l, o, pa);
-#pragma unroll
-      for (int jj = 0; jj < D / 16; ++jj) {
-        uint32_t vb[4];
-        ldsm_x4_trans(vb, v_base + 2 * swz<D>(tr0 + (lane & 7) + ((lane >> 3) & 1) * 8, jj * 2 + (lane >> 4)));
-        Elem<T>::mma(o[2 * jj], pa, vb[0], vb[1]);
-        Elem<T>::mma(o[2 * jj + 1], pa, vb[2], vb[3]);
-      }
+      Elem<T>::mma(o[2 * jj], pa, vb[0], vb[1]);
+      Elem<T>::mma(o[2 * jj + 1], pa, vb[2], vb[3]);
+    }
+    if constexpr (!kEarlyRefill) {
+      slice_sync<SLICE_THREADS>(slice);
+      issue(j + SLOTS);
     }
   }
 
@@ -195,14 +227,17 @@ struct KernelChoice {
 
 template <typename T, int D, int MTILES>
 KernelChoice make_choice() {
-  // Deep enough for ~64 KB of copies in flight per SM at every D, small enough for 2 blocks per SM
-  // up to D = 128.
-  constexpr int stages = D == 64 ? 4 : D == 128 ? 3 : 2;
-  const size_t ring = static_cast<size_t>(stages) * 2 * kTile * D * sizeof(T);
+  // 64 KB of ring per block up to D = 128 (two blocks fit an SM), 128 KB at D = 256 (one). Deeper
+  // rings measured slower on the H100 (64x4096 at D = 128: 359.9 us; 96 KB 362.7, 128 KB 365.4,
+  // 160 KB 366.6). Each slice gets an equal share of the slots.
+  constexpr int slot_bytes = 2 * kStep * D * sizeof(T);
+  constexpr int slices = kWarps / MTILES;
+  constexpr int slots = (D == 256 ? 128 * 1024 : 64 * 1024) / slot_bytes / slices;
+  constexpr size_t ring = static_cast<size_t>(slices) * slots * slot_bytes;
   const size_t q = static_cast<size_t>(16 * MTILES) * D * sizeof(T);
-  static_assert(stages * 2 * kTile * D * 2 >= (kWarps * 16 * D + 2 * kWarps * 16) * 4,
-                "the warp merge reuses the ring");
-  return {paged_decode_kernel<T, D, MTILES, stages>, launch_merge<T>, 16 * MTILES, ring + q};
+  static_assert(slots >= 2, "a slice needs one slot in flight beside the one it reads");
+  static_assert(ring >= (kWarps * 16 * D + 2 * kWarps * 16) * 4, "the warp merge reuses the ring");
+  return {paged_decode_kernel<T, D, MTILES, slots>, launch_merge<T>, 16 * MTILES, ring + q};
 }
 
 template <typename T, int D>
@@ -239,16 +274,22 @@ struct Plan {
   int splits;
 };
 
-// Splits from host-known capacities (plan_splits in decode_common.cuh).
+// Splits from host-known capacities (plan_splits in decode_common.cuh), for one block per SM: where
+// a sequence has to be split, one block per SM beat two on the H100 (16x8192: 128 blocks and no merge
+// 183 us, 256 blocks 188 us; 1x32768: 16 splits 55.2 us, 32 splits 56.4 us).
 Plan make_plan(const DecodeParams& p) {
   Plan plan{choose_kernel(p), 0, 1};
   const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
   plan.head_chunks = (group + plan.k.heads_per_block - 1) / plan.k.heads_per_block;
   const int64_t max_len = static_cast<int64_t>(p.max_pages_per_seq) * p.kv.page_size;
   const int64_t base = static_cast<int64_t>(p.batch) * p.shape.num_kv_heads * plan.head_chunks;
-  // Slots are only read when the count is not forced.
-  const int64_t slots = p.splits > 0 ? 0 : resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem);
-  plan.splits = plan_splits(base, slots, max_len, kTile, p.splits);
+  int sms = 0;  // only read when the count is not forced
+  if (p.splits <= 0) {
+    int device = 0;
+    KV_CUDA(cudaGetDevice(&device));
+    KV_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  }
+  plan.splits = plan_splits(base, sms, max_len, kTile, p.splits);
   return plan;
 }
 

@@ -250,76 +250,98 @@ __device__ __forceinline__ void finish_block(unsigned char* smem, const float (&
 // exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
 __device__ __forceinline__ float weight(float m, float ref) { return m == -INFINITY ? 0.f : exp2f(m - ref); }
 
-// One block per (sequence, query head): weights each split by exp2(lse_s - max), normalized. The
-// block's warps take interleaved batches of splits and lanes own 4 columns each, so the merge costs a
-// few L2 round trips rather than one per split; the warps' sums meet in shared memory.
+// One block per (sequence, query head). Warps take interleaved batches of splits; each batch's lse
+// values and partial rows are requested together (lanes own 4 columns each), so a merge of up to
+// kWarps * kBatch splits costs one L2 round trip. Each warp keeps a running (max, denominator,
+// weighted sum) across its batches, and the warps meet in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* part_out, const float* part_lse,
                                                                 void* out, float* lse, int splits, int head_dim) {
-  constexpr int kBatch = 8;  // partial rows one warp has in flight
-  __shared__ float4 warp_partial[kWarps][256 / 4];
+  constexpr int kBatch = 8;   // partial rows one warp has in flight per pass of 128 columns
+  constexpr int kPasses = 2;  // 128 columns per pass: head_dim up to 256
+  __shared__ float4 warp_sum[kWarps][kPasses * 32];
+  __shared__ float warp_max[kWarps], warp_den[kWarps];
   // Launched early (programmatic dependent launch): wait here until the decode grid's writes are visible.
   wait_for_previous_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = blockIdx.x;
   const float* pl = part_lse + row * splits;
   const float* po = part_out + row * splits * head_dim;
-  // One pass over the lse values: a running (max, denominator) per lane, then merged across lanes.
   float mx = -INFINITY, den = 0.f;
-  for (int s = lane; s < splits; s += 32) {
-    const float x = pl[s];
-    const float nm = fmaxf(mx, x);
-    den = den * weight(mx, nm) + weight(x, nm);
-    mx = nm;
-  }
+  float4 acc[kPasses];
 #pragma unroll
-  for (int k = 16; k > 0; k >>= 1) {
-    const float om = __shfl_xor_sync(0xffffffffu, mx, k);
-    const float od = __shfl_xor_sync(0xffffffffu, den, k);
-    const float nm = fmaxf(mx, om);
-    den = den * weight(mx, nm) + od * weight(om, nm);
-    mx = nm;
-  }
-  const float inv = den > 0.f ? 1.f / den : 0.f;
-  for (int d0 = 0; d0 < head_dim; d0 += 128) {  // every lane iterates: the shuffles need the whole warp
-    const int d = d0 + lane * 4;
-    const int dl = d < head_dim ? d : head_dim - 4;  // idle lanes load a valid column; it is never stored
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = warp * kBatch; s0 < splits; s0 += kWarps * kBatch) {
-      const int n = min(kBatch, splits - s0);
-      const float w_lane = lane < n ? weight(pl[s0 + lane], mx) * inv : 0.f;
-      float w[kBatch];
+  for (int c = 0; c < kPasses; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp * kBatch; s0 < splits; s0 += kWarps * kBatch) {
+    const int n = min(kBatch, splits - s0);
+    const float x = lane < n ? __ldcg(pl + s0 + lane) : -INFINITY;  // lane j: split s0 + j
+    // Past the last split or column: a repeat of a valid one, weighted 0 or never stored.
+    float4 v[kPasses][kBatch];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) w[j] = __shfl_sync(0xffffffffu, w_lane, j);
-      // Past the last split: a repeat of it, weighted 0, so every load is unconditional.
-      float4 v[kBatch];
+    for (int c = 0; c < kPasses; ++c) {
+      const int d = min(c * 128 + lane * 4, head_dim - 4);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        v[j] = __ldcg(reinterpret_cast<const float4*>(po + (s0 + min(j, n - 1)) * head_dim + dl));
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        acc.x += w[j] * v[j].x;
-        acc.y += w[j] * v[j].y;
-        acc.z += w[j] * v[j].z;
-        acc.w += w[j] * v[j].w;
+        const float4* src = reinterpret_cast<const float4*>(po + (s0 + min(j, n - 1)) * head_dim + d);
+        v[c][j] = c * 128 < head_dim ? __ldcg(src) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
-    warp_partial[warp][d0 / 4 + lane] = acc;
+    float bmax = x;
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, k));
+    const float nm = fmaxf(mx, bmax);
+    const float rescale = weight(mx, nm);
+    const float w_lane = weight(x, nm);
+    float wsum = w_lane;
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, k);
+    den = den * rescale + wsum;
+    mx = nm;
+#pragma unroll
+    for (int c = 0; c < kPasses; ++c) {
+      acc[c].x *= rescale;
+      acc[c].y *= rescale;
+      acc[c].z *= rescale;
+      acc[c].w *= rescale;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float w = __shfl_sync(0xffffffffu, w_lane, j);
+        acc[c].x += w * v[c][j].x;
+        acc[c].y += w * v[c][j].y;
+        acc[c].z += w * v[c][j].z;
+        acc[c].w += w * v[c][j].w;
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPasses; ++c) warp_sum[warp][c * 32 + lane] = acc[c];
+  if (lane == 0) {
+    warp_max[warp] = mx;
+    warp_den[warp] = den;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < head_dim / 4; i += kThreads) {
-    float4 t = warp_partial[0][i];
+  float total_max = -INFINITY;
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      t.x += warp_partial[w][i].x;
-      t.y += warp_partial[w][i].y;
-      t.z += warp_partial[w][i].z;
-      t.w += warp_partial[w][i].w;
-    }
-    store4(static_cast<T*>(out) + row * head_dim + i * 4, t);
+  for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, warp_max[w]);
+  float f[kWarps], total_den = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    f[w] = weight(warp_max[w], total_max);
+    total_den += f[w] * warp_den[w];
   }
-  if (threadIdx.x == 0 && lse) lse[row] = den > 0.f ? (mx + log2f(den)) * kLn2 : -INFINITY;
+  const float inv = total_den > 0.f ? 1.f / total_den : 0.f;
+  for (int i = threadIdx.x; i < head_dim / 4; i += kThreads) {
+    float4 t = make_float4(0.f, 0.f, 0.f, 0.f);  // columns 4i..4i+3: pass i / 32, lane i % 32
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float4 u = warp_sum[w][i];
+      t.x += f[w] * u.x;
+      t.y += f[w] * u.y;
+      t.z += f[w] * u.z;
+      t.w += f[w] * u.w;
+    }
+    store4(static_cast<T*>(out) + row * head_dim + i * 4, make_float4(t.x * inv, t.y * inv, t.z * inv, t.w * inv));
+  }
+  if (threadIdx.x == 0 && lse) lse[row] = total_den > 0.f ? (total_max + log2f(total_den)) * kLn2 : -INFINITY;
 }
 
 // ---- host side ----------------------------------------------------------------------------
