@@ -326,7 +326,7 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   a.head_chunks = plan.head_chunks;
   a.log2_page = floor_log2(p.kv.page_size);
   a.num_splits = plan.splits;
-  a.scale_log2 = p.scale * 1.44269504088896340736f;
+  a.scale_log2 = p.scale * kLog2e;
   // Neighbouring blocks are the KV heads of one token range: they read adjacent bytes of each page.
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
   launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem,

@@ -11,11 +11,9 @@
 
 #include <cstdint>
 
-namespace kvflash::cuda::sm90 {
+#include "ptx.cuh"
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace kvflash::cuda::sm90 {
 
 // ---------------------------------------------------------------------------------------------
 // mbarriers. A full barrier completes a phase once its expected arrivals and transaction bytes

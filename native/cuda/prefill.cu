@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) prefill_kernel(const typename R
       } else {
         slot = rows.slot(t * BN + r);
       }
-      cp_async_16(dst + swz<D>(r, c), base + (ok ? slot * kv_stride + kv_head + c * 8 : 0), ok);
+      cp_async16(dst + swz<D>(r, c), base + (ok ? slot * kv_stride + kv_head + c * 8 : 0), ok);
     }
   };
 

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
       const int j = t * BN + r;
       const bool ok = j < qlen;
       const int64_t off = ok ? (((int64_t(tab[r]) << log2_page) | (j & page_mask)) * hkv + hk) * ROWB + c * 16 : 0;
-      cp_async_16(smem_addr(smem + L::K_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.k_codes) + off, ok);
-      cp_async_16(smem_addr(smem + L::V_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.v_codes) + off, ok);
+      cp_async16(smem_addr(smem + L::K_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.k_codes) + off, ok);
+      cp_async16(smem_addr(smem + L::V_CODES + r * ROWB + c * 16), static_cast<const uint8_t*>(qp.v_codes) + off, ok);
     }
     if (tid < 2 * BN) {
       const int r = tid >> 1, which = tid & 1;  // which: 0 the scales, 1 the mins (fp8: 0 K, 1 V)
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
       int pick;
       const int64_t at = ok ? row_stat(tab[r], j, &pick) : 0;
       const __half* src = BITS == 0 ? (which ? v_scale : k_scale) : (which ? v_min : v_scale);
-      cp_async_16(smem_addr(smem + L::ROW_STATS + tid * 16), src + at, ok);
+      cp_async16(smem_addr(smem + L::ROW_STATS + tid * 16), src + at, ok);
     }
     if (key_slots) {
       constexpr int SC = D / 8;  // 16-byte chunks of one statistic row
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) quant_prefill_kernel(const Quan
         const bool ok = j < qlen;
         const int64_t at = ok ? (tab[slot * 16] * hkv + hk) * D : 0;
         const __half* src = c < SC ? k_scale + at + c * 8 : k_min + at + (c - SC) * 8;
-        cp_async_16(smem_addr(smem + L::KEY_STATS + slot * 4 * D + c * 16), src, ok);
+        cp_async16(smem_addr(smem + L::KEY_STATS + slot * 4 * D + c * 16), src, ok);
       }
     }
   };

@@ -65,28 +65,7 @@ constexpr int smem_bytes() {
 __device__ unsigned int g_next_item;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr uint32_t kBlock64 = 128 * 128;  // bytes of one 64-column block of a 128-row tile (Q, K or V)
-
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 // One work item, and the K/V tiles its queries see.
 struct Item {
@@ -333,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // P as A fragments: registers 8kk .. 8kk + 7 of S are k-step kk's (row, column) pairs in order.
       auto pack = [&] {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) pf[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+        for (int i = 0; i < 32; ++i) pf[i] = Elem<T>::pack(s[2 * i], s[2 * i + 1]);
       };
       auto release = [&](uint32_t bar) {
         if (lane == 0) mbar_arrive(bar);
@@ -417,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int row = row0 + 8 * r;  // row & 7 == g
         const uint32_t at = (jj / 8) * kBlock64 + row * 128 + (((jj % 8) ^ g) << 4) + tq * 4;
         *reinterpret_cast<uint32_t*>(staged + at) =
-            pack2<T>(o[4 * jj + 2 * r] * inv[r], o[4 * jj + 2 * r + 1] * inv[r]);
+            Elem<T>::pack(o[4 * jj + 2 * r] * inv[r], o[4 * jj + 2 * r + 1] * inv[r]);
       }
     __syncwarp();
     T* out = static_cast<T*>(p.out);

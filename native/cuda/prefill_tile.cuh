@@ -1,5 +1,5 @@
 // What the FlashAttention-2-style prefill kernels share (prefill.cu over full-precision K/V,
-// prefill_quant.cu over quantized pages): PTX wrappers, the element-type traits, the swizzled
+// prefill_quant.cu over quantized pages): the swizzled
 // shared-memory tile layout, and everything a block does once its K/V tile is in shared memory: a
 // warp's S = Q K^T, masks, online softmax and O += P V on one tile, and the epilogue. The kernels differ
 // only in how a K/V tile reaches shared memory. Included by .cu files only; everything sits in an
@@ -17,82 +17,10 @@
 #include <cstdint>
 
 #include "../core/attention_params.h"
+#include "ptx.cuh"
 
 namespace kvflash::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// A src-size of 0 writes 16 zero bytes and reads nothing: rows past the end become zeros, so
-// masked keys never bring NaN from stale memory into P V.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N of this thread's most recent cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// 2^x as the bare MUFU.EX2: exp2f wraps it in a fix-up for denormal inputs (three more
-// instructions per logit); softmax terms below 2^-126 of the row max are flushed to 0 instead.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// The element type decides the mma flavour and how two floats pack into one A-fragment register.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of rows of D elements.
 template <int D>
@@ -144,7 +72,7 @@ __device__ __forceinline__ void load_query_tile(uint32_t sQ, const void* q, cons
     const int r = i / kChunks, c = i % kChunks;
     const bool ok = qt.q0 + r < qt.sq;
     const T* src = static_cast<const T*>(q) + (ok ? (qt.q_start + qt.q0 + r) * q_row_stride + h * D + c * 8 : 0);
-    cp_async_16(sQ + swz<D>(r, c), src, ok);
+    cp_async16(sQ + swz<D>(r, c), src, ok);
   }
 }
 
@@ -170,7 +98,7 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[MT][D / 16][4], 
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      ldmatrix_x4(qf[mt][kk], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+      ldsm_x4(qf[mt][kk], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 }
 
 // The warp's work on the K/V tile of keys n0 .. n0 + BN (rows of the shared tiles at k_tile, v_tile;
@@ -212,14 +140,14 @@ __device__ __forceinline__ void attend_tile(const QueryTile& qt, uint32_t sQ,
   #pragma unroll
           for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
         } else {
-          ldmatrix_x4(a[mt], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+          ldsm_x4(a[mt], sQ + swz<D>(warp_row + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
         }
       }
   #pragma unroll
       for (int nn = 0; nn < BN / 16; ++nn) {
         uint32_t bk[4];
         const int key = nn * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldmatrix_x4(bk, k_tile + swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+        ldsm_x4(bk, k_tile + swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
   #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           E::mma(s[mt][2 * nn], a[mt], bk[0], bk[1]);
@@ -312,7 +240,7 @@ __device__ __forceinline__ void attend_tile(const QueryTile& qt, uint32_t sQ,
   #pragma unroll
       for (int nn = 0; nn < D / 16; ++nn) {
         uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_tile + swz<D>(key, nn * 2 + (lane >> 4)));
+        ldsm_x4_trans(bv, v_tile + swz<D>(key, nn * 2 + (lane >> 4)));
   #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           E::mma(o[mt][2 * nn], pf[mt][kk], bv[0], bv[1]);
