@@ -32,7 +32,8 @@ struct QuestScoreParams {
   DType dtype = DType::BF16;
   AttentionShape shape;
   int batch = 0;
-  int nnz = 0;  // page entries in the table
+  int nnz = 0;        // page entries in the table
+  int max_pages = 0;  // most pages of one sequence
   const void* q = nullptr;     // [B, H, D]
   const void* meta = nullptr;  // [numPages, 2, Hkv, D]
   PagedKV kv;                  // the dense table (rows_per_sequence 1)
