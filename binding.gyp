@@ -5,6 +5,7 @@
       "sources": [
         "native/core/allocator.cpp",
         "native/core/backend.cpp",
+        "native/core/quest_steps.cpp",
         "native/core/tensor.cpp",
         "native/cpu/attention.cpp",
         "native/cpu/cpu_backend.cpp",

@@ -80,7 +80,7 @@ fs.writeFileSync(`${base}.svg`, chart(rows));
 const questReport = {
   date,
   device: quest.device,
-  method: 'B=1, H=32, Hkv=8, D=128, bf16, page 16, pages scattered; Quest = questScores + topkPages + pagedDecodeAttention over the selection, timed together; full = pagedDecodeAttention over every page; CUDA events, median of 30, L2 flushed by reads before each run. Recall is measured by bench/quest-quality.js.',
+  method: 'B=1, H=32, Hkv=8, D=128, bf16, page 16, pages scattered; Quest = questDecodeAttention (scores, top-k and the sparse decode in one kernel); threeOps = questScores + topkPages + pagedDecodeAttention over the selection, timed together; full = pagedDecodeAttention over every page; CUDA events, median of 30, L2 flushed by reads before each run. Recall is measured by bench/quest-quality.js.',
   results: quest.results,
 };
 const questFile = path.join(outDir, `quest-${date}-${gpu}.json`);
@@ -102,11 +102,11 @@ console.log('| --- | --- | --- | --- | --- | --- | --- |');
 for (const r of rows) {
   console.log(`| ${r.name} | ${r.unit} | ${fmt(r.kvflash.value)} | ${r.flash.error ? 'error' : fmt(r.flash.value)} | ${r.cudnn.error ? 'error' : fmt(r.cudnn.value)} | ${fmt(r.vsFlash)} | ${fmt(r.vsCudnn)} |`);
 }
-console.log('\n| Quest context | budget (tokens) | full decode µs | Quest µs | speedup | scores / top-k / sparse µs |');
-console.log('| --- | --- | --- | --- | --- | --- |');
+console.log('\n| Quest context | budget (tokens) | full decode µs | Quest µs | speedup | three ops µs | scores / top-k / sparse µs |');
+console.log('| --- | --- | --- | --- | --- | --- | --- |');
 for (const r of quest.results) {
   const st = r.stagesUs;
-  console.log(`| ${r.length} | ${r.budgetTokens} | ${r.fullUs.toFixed(1)} | ${r.questUs.toFixed(1)} | ${r.speedup.toFixed(2)}x | ${st.scores.toFixed(1)} / ${st.topk.toFixed(1)} / ${st.sparseDecode.toFixed(1)} |`);
+  console.log(`| ${r.length} | ${r.budgetTokens} | ${r.fullUs.toFixed(1)} | ${r.questUs.toFixed(1)} | ${r.speedup.toFixed(2)}x | ${r.threeOpsUs.toFixed(1)} | ${st.scores.toFixed(1)} / ${st.topk.toFixed(1)} / ${st.sparseDecode.toFixed(1)} |`);
 }
 console.log('\n| quantized decode | bf16 µs | ' + Object.keys(quant.results[0].formats).map((f) => `${f} µs (speedup, byte ratio)`).join(' | ') + ' |');
 console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(quant.results[0].formats).length));

@@ -1,6 +1,8 @@
-// Quest's speed at B=1 (bench/shapes.json's head layout): scoring, top-k and the sparse decode
-// together, against the full paged decode over the same cache, both timed with the L2 flushed.
-// Prints one JSON object: { device, results: [{ length, budgetTokens, fullUs, questUs, speedup, stagesUs }] }.
+// Quest's speed at B=1 (bench/shapes.json's head layout): the whole step (questDecodeAttention:
+// scoring, top-k and the sparse decode in one kernel) against the full paged decode over the same
+// cache, both timed with the L2 flushed; beside it the same step as three ops and each op alone.
+// Prints one JSON object: { device, results: [{ length, budgetTokens, fullUs, questUs, speedup,
+// threeOpsUs, stagesUs }] }.
 'use strict';
 const fs = require('node:fs');
 const path = require('node:path');
@@ -30,6 +32,10 @@ async function main() {
     const full = await timeGpu(() => ops.pagedDecodeAttention(q, pool, table).out, { device, flush: true });
     for (const budget of BUDGETS) {
       const quest = await timeGpu(() => {
+        const { out } = ops.questDecodeAttention(q, pool, meta, table, budget / pageSize);
+        return out;
+      }, { device, flush: true });
+      const threeOps = await timeGpu(() => {
         const scores = ops.questScores(q, kPages, meta, table);
         const selected = ops.topkPages(scores, table, budget / pageSize);
         const out = ops.pagedDecodeAttention(q, pool, selected).out;
@@ -53,6 +59,7 @@ async function main() {
         fullUs: full.medianMs * 1e3,
         questUs: quest.medianMs * 1e3,
         speedup: full.medianMs / quest.medianMs,
+        threeOpsUs: threeOps.medianMs * 1e3,
         stagesUs: { scores: scoresOnly.medianMs * 1e3, topk: topkOnly.medianMs * 1e3, sparseDecode: sparseOnly.medianMs * 1e3 },
       });
     }

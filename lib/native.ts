@@ -74,6 +74,8 @@ export interface NativeBinding {
   buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;
   questScores(q: TensorHandle, kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): TensorHandle;
   topkPages(scores: TensorHandle, table: PageTableNativeHandle, budgetPages: number): PageTableNativeHandle;
+  questDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, meta: TensorHandle,
+    budgetPages: number, scale: number, returnLse: boolean, splits: number): [TensorHandle, TensorHandle | undefined];
   quantizePages(kSrc: TensorHandle, vSrc: TensorHandle, srcPages: Int32Array, dstPages: Int32Array, format: string, groupSize: number,
     kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle, kMin: TensorHandle | undefined, vScale: TensorHandle,
     vMin: TensorHandle | undefined): void;

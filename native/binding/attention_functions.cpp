@@ -56,6 +56,12 @@ PagedInputs get_paged(const Napi::CallbackInfo& info, int first_arg, const Tenso
   return in;
 }
 
+// The ops that read whole sequences take a dense table, not a per-KV-head selection.
+void check_dense(const StagedPageTable& table, const char* op) {
+  KV_CHECK(table.rows_per_sequence == 1, Range, "Expected a dense page table (one row per sequence) for ", op,
+           " but received a per-KV-head selection");
+}
+
 // prefill(q, k, v, cuSeqlensQ, cuSeqlensK, causal, windowLeft, scale, returnLse) -> [out, lse?]
 Napi::Value prefill(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
@@ -100,9 +106,7 @@ Napi::Value paged_prefill(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
   PagedInputs in = get_paged(info, 1, q, "q");
-  KV_CHECK(in.table->rows_per_sequence == 1, Range,
-           "Expected a dense page table (one row per sequence) for pagedPrefillAttention but received a per-KV-head "
-           "selection");
+  check_dense(*in.table, "pagedPrefillAttention");
   PagedPrefillParams p;
   p.dtype = q.dtype();
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
@@ -133,6 +137,28 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   p.splits = static_cast<int>(get_int(info[6], "splits", 0, 256));
   p.kv = in.kv;
   backend_for(q.device()).paged_decode(q.device(), p);
+  return results(info.Env(), o.out, o.lse);
+}
+
+// questDecode(q, kPages, vPages, table, meta, budgetPages, scale, returnLse, splits) -> [out, lse?]
+Napi::Value quest_decode(const Napi::CallbackInfo& info) {
+  const Tensor& q = get_tensor(info[0], "q", 3);
+  check_float_input(q, "q");
+  PagedInputs in = get_paged(info, 1, q, "q");
+  check_dense(*in.table, "questDecodeAttention");
+  const Tensor& meta = check_quest_meta(info[4], in.k_pages);
+  QuestDecodeParams p;
+  p.dtype = q.dtype();
+  p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
+  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
+           " rows (one per sequence of the page table) for q but received ", q.size(0));
+  p.budget = static_cast<int>(get_int(info[5], "budgetPages", 1, INT32_MAX));
+  p.scale = get_scale(info[6]);
+  const QueryOutputs o = bind_decode_queries(p, q, *in.table, get_bool(info[7], "returnLse"));
+  p.splits = static_cast<int>(get_int(info[8], "splits", 0, 256));
+  p.meta = meta.data();
+  p.kv = in.kv;
+  backend_for(q.device()).quest_decode(q.device(), p);
   return results(info.Env(), o.out, o.lse);
 }
 
@@ -301,6 +327,7 @@ void export_attention_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("prefill", Napi::Function::New<guarded<prefill>>(env, "prefill"));
   exports.Set("pagedPrefill", Napi::Function::New<guarded<paged_prefill>>(env, "pagedPrefill"));
   exports.Set("pagedDecode", Napi::Function::New<guarded<paged_decode>>(env, "pagedDecode"));
+  exports.Set("questDecode", Napi::Function::New<guarded<quest_decode>>(env, "questDecode"));
   exports.Set("attentionMass", Napi::Function::New<guarded<attention_mass>>(env, "attentionMass"));
   exports.Set("appendPagedKV", Napi::Function::New<guarded<append_paged_kv>>(env, "appendPagedKV"));
 }

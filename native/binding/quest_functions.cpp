@@ -102,6 +102,7 @@ Napi::Value quest_scores(const Napi::CallbackInfo& info) {
   p.shape = {static_cast<int>(q.size(1)), static_cast<int>(kv_heads), static_cast<int>(q.size(2))};
   p.batch = table->batch;
   p.nnz = static_cast<int>(table->indices.size());
+  p.max_pages = table->max_pages;
   p.kv = table->bind(k_pages.data(), k_pages.data(), k_pages.size(0), k_pages.size(1));
   Tensor scores = empty({p.nnz, kv_heads}, DType::F32, q.device());
   p.q = q.data();

@@ -57,6 +57,8 @@ class Backend {
   virtual void quest_update_meta(const Device& device, const QuestMetaParams& p) = 0;
   virtual void quest_scores(const Device& device, const QuestScoreParams& p) = 0;
   virtual void topk_pages(const Device& device, const TopkPagesParams& p) = 0;
+  // The three above as one decode step (quest_steps.h runs them one by one).
+  virtual void quest_decode(const Device& device, const QuestDecodeParams& p) = 0;
 
   // Quantized KV cache (quant_format.h has the formats and layouts).
   virtual void quantize_pages(const Device& device, const QuantizeParams& p) = 0;

@@ -32,7 +32,8 @@ struct QuestScoreParams {
   DType dtype = DType::BF16;
   AttentionShape shape;
   int batch = 0;
-  int nnz = 0;  // page entries in the table
+  int nnz = 0;        // page entries in the table
+  int max_pages = 0;  // most pages of one sequence
   const void* q = nullptr;     // [B, H, D]
   const void* meta = nullptr;  // [numPages, 2, Hkv, D]
   PagedKV kv;                  // the dense table (rows_per_sequence 1)
@@ -48,6 +49,24 @@ struct TopkPagesParams {
   int32_t* out_indptr = nullptr;         // [B * Hkv + 1]
   int32_t* out_indices = nullptr;        // [sum of the rows]
   int32_t* out_last_page_len = nullptr;  // [B * Hkv]
+};
+
+// Quest's decode step as one op: the scores, the selection of `budget` pages per (sequence, KV
+// head), and the decode of each KV head's group over its selection. The result is that of
+// pagedDecode over topkPages(questScores(...)): a backend may run exactly those three.
+struct QuestDecodeParams {
+  DType dtype = DType::BF16;
+  AttentionShape shape;
+  float scale = 1.0f;
+  int batch = 0;
+  int budget = 0;             // pages kept per (sequence, KV head), >= 1
+  int max_pages_per_seq = 0;  // host-known maximum of indptr[b+1] - indptr[b]
+  int splits = 0;             // 0: chosen by the backend; else blocks per (sequence, KV head) (tests, tuning)
+  const void* q = nullptr;     // [B, H, D]
+  const void* meta = nullptr;  // [numPages, 2, Hkv, D]
+  void* out = nullptr;         // [B, H, D]
+  float* lse = nullptr;        // [B, H], may be null
+  PagedKV kv;                  // the dense table (rows_per_sequence 1) over the pool
 };
 
 }  // namespace kvflash

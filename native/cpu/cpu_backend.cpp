@@ -5,6 +5,7 @@
 
 #include "../core/backend.h"
 #include "../core/element_access.h"
+#include "../core/quest_steps.h"
 #include "attention.h"
 #include "quant.h"
 #include "quest.h"
@@ -66,6 +67,9 @@ class CpuBackend final : public Backend {
   void quest_update_meta(const Device&, const QuestMetaParams& p) override { cpu::quest_update_meta(p); }
   void quest_scores(const Device&, const QuestScoreParams& p) override { cpu::quest_scores(p); }
   void topk_pages(const Device&, const TopkPagesParams& p) override { cpu::topk_pages(p); }
+  void quest_decode(const Device& device, const QuestDecodeParams& p) override {
+    quest_decode_in_steps(*this, device, p);
+  }
   void quantize_pages(const Device&, const QuantizeParams& p) override { cpu::quantize_pages(p); }
   void dequantize_pages(const Device&, const DequantizeParams& p) override { cpu::dequantize_pages(p); }
   void quantized_paged_decode(const Device&, const QuantDecodeParams& p) override { cpu::quantized_paged_decode(p); }

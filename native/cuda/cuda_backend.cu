@@ -7,6 +7,7 @@
 
 #include "../core/backend.h"
 #include "../core/element_access.h"
+#include "../core/quest_steps.h"
 #include "append.h"
 #include "attention_mass.h"
 #include "context.h"
@@ -15,6 +16,7 @@
 #include "prefill.h"
 #include "quant.h"
 #include "quest.h"
+#include "quest_decode.h"
 
 namespace kvflash {
 namespace cuda {
@@ -89,6 +91,7 @@ struct DeviceState {
   CachingAllocator allocator;
   cudaStream_t stream{};
   Tensor flush_buffer;  // made on first flush_cache: four times the L2 size, filled once
+  Tensor quest_counters;  // the fused Quest decode's row counters (quest_decode.h), zero between launches
 };
 
 class CudaBackend final : public Backend {
@@ -176,6 +179,18 @@ class CudaBackend final : public Backend {
   }
   void topk_pages(const Device& device, const TopkPagesParams& p) override {
     launch_topk_pages(p, state(device).stream);
+  }
+  void quest_decode(const Device& device, const QuestDecodeParams& p) override {
+    if (!quest_decode_fused(p)) return quest_decode_in_steps(*this, device, p);
+    DeviceState& s = state(device);
+    const size_t counters = quest_decode_counters(p);
+    if (!s.quest_counters.defined() || static_cast<size_t>(s.quest_counters.numel()) < counters) {
+      // Zeroed once; the kernel leaves them zero. A smaller buffer goes back in stream order.
+      s.quest_counters = empty({static_cast<int64_t>(counters)}, DType::I32, device);
+      fill(s.quest_counters, 0);
+    }
+    const Tensor workspace = scratch(device, quest_decode_workspace_bytes(p));
+    launch_quest_decode(p, workspace.data(), reinterpret_cast<unsigned*>(s.quest_counters.data()), s.stream);
   }
 
   std::shared_ptr<PendingWork> record(const Device& device) override {

@@ -4,12 +4,13 @@
 // microseconds, so the seams matter as much as the stages: the score and top-k kernels let the next
 // kernel launch early (programmatic dependent launch), and each waits on-device for its inputs.
 #include <algorithm>
+#include <map>
 #include <mutex>
-#include <set>
 
 #include "pdl.cuh"
 #include "quest.h"
-#include "scalar.cuh"
+#include "quest_bounds.cuh"
+#include "quest_select.cuh"
 
 namespace kvflash::cuda {
 namespace {
@@ -36,71 +37,28 @@ __global__ void quest_meta_kernel(const QuestMetaParams p) {
   }
 }
 
-constexpr int kScoreThreads = 256;
-
-// Eight consecutive elements (16 bytes, aligned) in one vector load, as floats.
-template <typename T>
-__device__ __forceinline__ void load8(const T* src, float (&out)[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(e[i]);
-}
-
-// One thread per (page entry, KV head, 8-channel chunk): the chunk's min and max in two 16-byte
-// loads. The D/8 threads of an (entry, head) are adjacent lanes that sum by shuffles, so a warp reads
-// whole runs of a page's metadata and every load is issued at once. The bound is maximised over the
-// group's query heads, four at a time so their shuffle reductions overlap.
-// T: the q / meta dtype. D: head dim (64, 128 or 256).
+// One block per (KV head, slice of a sequence's entries, sequence): the slice's metadata streams
+// through bound_pages (quest_bounds.cuh), which the fused Quest decode runs too.
 template <typename T, int D>
-__global__ void __launch_bounds__(kScoreThreads) quest_scores_kernel(const QuestScoreParams p) {
-  constexpr int CH = D / 8;  // chunks per (entry, head), a power of two dividing 32
-  constexpr int G = 4;       // query heads reduced together
-  launch_dependents();
+__global__ void __launch_bounds__(kThreads) quest_scores_kernel(const QuestScoreParams p, int slice) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  launch_dependents();  // the top-k grid may launch now; it waits on-device for these scores
+  const int h = blockIdx.x, b = blockIdx.z;
   const int kv_heads = p.shape.num_kv_heads;
-  const int64_t items = int64_t(p.nnz) * kv_heads * CH;
-  const int64_t t = int64_t(blockIdx.x) * kScoreThreads + threadIdx.x;
-  // Threads past the end repeat the last item (unstored) so every lane takes part in the shuffles.
-  const int64_t item = t < items ? t : items - 1;
-  const int c = static_cast<int>(item % CH);
-  const int64_t pair = item / CH;  // entry * kv_heads + h: the score's index
-  const int entry = static_cast<int>(pair / kv_heads), h = static_cast<int>(pair % kv_heads);
-  int b = 0, hi_b = p.batch - 1;  // the sequence owning `entry`: indptr[b] <= entry < indptr[b+1]
-  while (b < hi_b) {
-    const int mid = (b + hi_b + 1) / 2;
-    if (p.kv.indptr[mid] <= entry) b = mid; else hi_b = mid - 1;
-  }
-  const int64_t page = p.kv.indices[entry];
-  const T* mins = static_cast<const T*>(p.meta) + (page * 2 * kv_heads + h) * D + c * 8;
-  float lo[8], hi[8];
-  load8(mins, lo);
-  load8(mins + int64_t(kv_heads) * D, hi);
+  const int32_t begin = p.kv.indptr[b] + blockIdx.y * slice;
+  const int count = min(slice, p.kv.indptr[b + 1] - begin);
+  if (count <= 0) return;
   const int group = p.shape.num_q_heads / kv_heads;
-  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.shape.num_q_heads + h * group) * D + c * 8;
-  float best = -INFINITY;
-  for (int g0 = 0; g0 < group; g0 += G) {
-    float bound[G];
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-      bound[u] = 0.0f;
-      if (g0 + u < group) {
-        float qv[8];
-        load8(q + (g0 + u) * D, qv);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) bound[u] += fmaxf(qv[i] * lo[i], qv[i] * hi[i]);
-      }
-    }
-#pragma unroll
-    for (int offset = CH / 2; offset > 0; offset /= 2) {
-#pragma unroll
-      for (int u = 0; u < G; ++u) bound[u] += __shfl_xor_sync(0xffffffffu, bound[u], offset);
-    }
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-      if (g0 + u < group) best = fmaxf(best, bound[u]);
-    }
-  }
-  if (t < items && c == 0) p.scores[pair] = best;
+  const int mtiles = (group + 15) / 16;
+  T* queries = reinterpret_cast<T*>(smem);          // [mtiles * 16][2D]
+  T* ring = queries + mtiles * 16 * 2 * D;          // [2][kBoundChunk][2D]
+  int32_t* ids = reinterpret_cast<int32_t*>(ring + 2 * kBoundChunk<D> * 2 * D);  // [slice]
+  stage_bound_queries<T, D>(static_cast<const T*>(p.q) + (int64_t(b) * p.shape.num_q_heads + h * group) * D, group,
+                            mtiles * 16, queries);
+  for (int i = threadIdx.x; i < count; i += kThreads) ids[i] = p.kv.indices[begin + i];
+  __syncthreads();
+  bound_pages<T, D>(static_cast<const T*>(p.meta), kv_heads, h, ids, count, smem_addr(queries), mtiles, group, ring,
+                    [&](int i, float bound) { p.scores[int64_t(begin + i) * kv_heads + h] = bound; });
 }
 
 constexpr int kTopkThreads = 512;
@@ -110,23 +68,6 @@ constexpr int kTopkWarps = kTopkThreads / 32;
 constexpr int kTopkSharedKeys = 8192;
 // Candidates each thread loads per round while staging, all in flight at once.
 constexpr int kTopkBatch = 8;
-// A digit bin holding at most this many keys is finished by one warp ranking them, not by more passes.
-constexpr int kRankWarp = 32;
-
-// Larger float, larger key; -0 and +0 are one key (they compare equal on the host), and NaN sorts
-// above everything, deterministically.
-__device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = f == 0.0f ? 0u : __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Where the selection stands: candidates whose masked key is above `prefix` are taken, and of those
-// equal to it the first `remaining` in page order. `count` is how many candidates are equal to it.
-struct Threshold {
-  uint32_t prefix, mask;
-  int remaining, count;
-};
-
 // In warp 0, after a pass histogrammed the digit at bit `bottom` (width `bits`) of the keys matching
 // th's prefix: narrows th to the bin, counted from the top, where the running count reaches
 // th.remaining. Each lane holds 8 bins in registers, a warp scan finds the lane, and that lane walks
@@ -155,27 +96,6 @@ __device__ __forceinline__ void narrow_to_bin(const int* histogram, int bottom, 
   const int bin = 255 - (lane * 8 + step);
   *out = {th.prefix | (uint32_t(bin) << bottom), th.mask | (((2u << (bits - 1)) - 1u) << bottom),
           th.remaining - above, count};
-}
-
-// The exclusive prefix sums over the block of each thread's (x, y), through `warp_totals`.
-__device__ __forceinline__ int2 block_exclusive_sum(int2 v, int2* warp_totals) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int2 inclusive = v;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int ux = __shfl_up_sync(0xffffffffu, inclusive.x, offset);
-    const int uy = __shfl_up_sync(0xffffffffu, inclusive.y, offset);
-    if (lane >= offset) inclusive.x += ux, inclusive.y += uy;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int2 before = make_int2(inclusive.x - v.x, inclusive.y - v.y);
-#pragma unroll
-  for (int w = 0; w < kTopkWarps; ++w) {
-    const int2 total = warp_totals[w];
-    if (w < warp) before.x += total.x, before.y += total.y;
-  }
-  return before;
 }
 
 // One block per (sequence, KV head) row. The budget - 1 best pages before the last are those at or
@@ -298,21 +218,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
         }
       }
       __syncthreads();
-      if (warp == 0) {
-        const uint32_t key = lane < th.count ? member_key[lane] : 0u;
-        const int index = lane < th.count ? member_index[lane] : 0;
-        int rank = 0, ties_through = 0;
-#pragma unroll
-        for (int m = 0; m < kRankWarp; ++m) {
-          const uint32_t km = __shfl_sync(0xffffffffu, key, m);
-          const int im = __shfl_sync(0xffffffffu, index, m);
-          if (m < th.count) {
-            rank += km > key || (km == key && im < index);
-            ties_through += km == key && im <= index;
-          }
-        }
-        if (lane < th.count && rank == th.remaining - 1) shared_threshold = {key, ~0u, ties_through, 0};
-      }
+      if (warp == 0) rank_bin_members(member_key, member_index, th, &shared_threshold);
       __syncthreads();
       th = shared_threshold;
       break;
@@ -329,7 +235,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
     counts.x += masked > th.prefix;
     counts.y += masked == th.prefix;
   }
-  const int2 start = block_exclusive_sum(counts, warp_totals);
+  const int2 start = block_exclusive_sum<kTopkWarps>(counts, warp_totals);
   int32_t* out = p.out_indices + row_offset;
   int slot = start.x + min(start.y, th.remaining), ties = start.y;
 #pragma unroll 4
@@ -339,17 +245,21 @@ __global__ void __launch_bounds__(kTopkThreads) topk_pages_kernel(const TopkPage
   }
 }
 
-// Raises the staged top-k kernel's dynamic shared-memory limit once per device.
-void allow_topk_smem(size_t bytes) {
+// Raises a kernel's dynamic shared-memory limit to at least `bytes` (per device, only ever upward),
+// after checking the device allows that much.
+void raise_smem_limit(const void* kernel, size_t bytes, const char* what) {
   static std::mutex mutex;
-  static std::set<int> done;
-  int device = 0;
+  static std::map<std::pair<int, const void*>, size_t> raised;
+  int device = 0, limit = 0;
   KV_CUDA(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mutex);
-  if (done.count(device)) return;
-  KV_CUDA(cudaFuncSetAttribute(topk_pages_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes)));
-  done.insert(device);
+  size_t& done = raised[{device, kernel}];
+  if (bytes <= done) return;
+  KV_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  KV_CHECK(bytes <= static_cast<size_t>(limit), Unsupported, what, " needs ", bytes,
+           " bytes of shared memory per block; the device has ", limit);
+  KV_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done = bytes;
 }
 
 }  // namespace
@@ -362,14 +272,22 @@ void launch_quest_update_meta(const QuestMetaParams& p, cudaStream_t stream) {
 }
 
 void launch_quest_scores(const QuestScoreParams& p, cudaStream_t stream) {
-  const int64_t threads = int64_t(p.nnz) * p.shape.num_kv_heads * (p.shape.head_dim / 8);
-  const unsigned blocks = static_cast<unsigned>((threads + kScoreThreads - 1) / kScoreThreads);
+  const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
+  const size_t queries = static_cast<size_t>((group + 15) / 16) * 16 * 2 * p.shape.head_dim * dtype_size(p.dtype);
   dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
+    auto launch = [&](auto kernel, int chunk) {
+      // Two ring stages of pages a block: both copies in flight from the start.
+      const int slice = 2 * chunk;
+      const size_t smem = queries + 2 * 32768 + slice * sizeof(int32_t);
+      raise_smem_limit(reinterpret_cast<const void*>(kernel), smem, "questScores");
+      const dim3 grid(p.shape.num_kv_heads, (p.max_pages + slice - 1) / slice, p.batch);
+      kernel<<<grid, kThreads, smem, stream>>>(p, slice);
+    };
     switch (p.shape.head_dim) {
-      case 64: quest_scores_kernel<T, 64><<<blocks, kScoreThreads, 0, stream>>>(p); break;
-      case 128: quest_scores_kernel<T, 128><<<blocks, kScoreThreads, 0, stream>>>(p); break;
-      default: quest_scores_kernel<T, 256><<<blocks, kScoreThreads, 0, stream>>>(p); break;
+      case 64: launch(quest_scores_kernel<T, 64>, kBoundChunk<64>); break;
+      case 128: launch(quest_scores_kernel<T, 128>, kBoundChunk<128>); break;
+      default: launch(quest_scores_kernel<T, 256>, kBoundChunk<256>); break;
     }
   });
   check_launch("quest_scores_kernel");
@@ -379,8 +297,8 @@ void launch_topk_pages(const TopkPagesParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   const unsigned blocks = static_cast<unsigned>(p.batch * p.num_kv_heads);
   if (p.max_pages - 1 <= kTopkSharedKeys) {
-    allow_topk_smem(2 * sizeof(uint32_t) * kTopkSharedKeys);
     const size_t smem = 2 * sizeof(uint32_t) * std::max(p.max_pages - 1, 1);
+    raise_smem_limit(reinterpret_cast<const void*>(topk_pages_kernel<true>), smem, "topkPages");
     launch_programmatic(topk_pages_kernel<true>, dim3(blocks), dim3(kTopkThreads), smem, device_has_pdl(), stream, p);
   } else {
     launch_programmatic(topk_pages_kernel<false>, dim3(blocks), dim3(kTopkThreads), 0, device_has_pdl(), stream, p);

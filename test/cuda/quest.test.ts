@@ -109,4 +109,73 @@ describe('Quest on CUDA', () => {
       });
     }
   }
+
+  // Integer-valued keys and quarter-integer queries make every bound exact on both sides, so the GPU
+  // keeps exactly the CPU's pages, ties included; the outputs then differ by rounding only.
+  const decodeCases = [
+    { name: 'GQA 4, D=128, a one-page and a partial last page', heads: 32, kvHeads: 8, dim: 128, pageSize: 16, lengths: [1, 17, 300, 4001], dtype: 'bf16' },
+    { name: 'GQA 1, D=64, whole pages', heads: 8, kvHeads: 8, dim: 64, pageSize: 16, lengths: [16, 5000], dtype: 'bf16' },
+    { name: 'GQA 16, D=256', heads: 32, kvHeads: 2, dim: 256, pageSize: 16, lengths: [700, 33], dtype: 'bf16' },
+    { name: 'GQA 3, one-token pages', heads: 6, kvHeads: 2, dim: 128, pageSize: 1, lengths: [1, 900], dtype: 'bf16' },
+    { name: 'GQA 2, f16, 32-token pages', heads: 8, kvHeads: 4, dim: 128, pageSize: 32, lengths: [3000, 5], dtype: 'f16' },
+    { name: 'GQA 32 (the three ops)', heads: 64, kvHeads: 2, dim: 64, pageSize: 16, lengths: [2000, 40], dtype: 'bf16' },
+  ] as const;
+  for (const c of decodeCases) {
+    it(`decodes in one op as the CPU reference does (${c.name})`, async () => {
+      const random = rng(800 + c.dim + c.heads);
+      const cache = pagedCache(c.lengths, c.pageSize, c.kvHeads, c.dim, random);
+      const shape = [cache.numPages, c.pageSize, c.kvHeads, c.dim];
+      const keys = cache.kPages.map((x) => Math.round(2 * x));
+      const queries = normal(c.lengths.length * c.heads * c.dim, random).map((x) => Math.round(2 * x) / 4);
+      const opts = { dtype: c.dtype, device } as const;
+      using kPages = Tensor.fromArray(keys, shape, opts);
+      using vPages = Tensor.fromArray(cache.vPages, shape, opts);
+      using q = Tensor.fromArray(queries, [c.lengths.length, c.heads, c.dim], opts);
+      using kc = kPages.to('cpu');
+      using vc = vPages.to('cpu');
+      using qc = q.to('cpu');
+      using meta = ops.createQuestMeta(kPages);
+      using metaC = ops.createQuestMeta(kc);
+      using table = new ops.StagedPageTable(cache, device);
+      ops.buildQuestMeta(kPages, meta, table);
+      ops.buildQuestMeta(kc, metaC, cache);
+      for (const budget of [1, 2, 3, 7, 64, 1000]) {
+        const cpu = ops.questDecodeAttention(qc, { kPages: kc, vPages: vc }, metaC, cache, budget, { returnLse: true });
+        const [co, cl] = [(await cpu.out.toArray()) as Float32Array, (await cpu.lse!.toArray()) as Float32Array];
+        for (const splits of [0, 1, 3]) {
+          const gpu = ops.questDecodeAttention(q, { kPages, vPages }, meta, table, budget, { returnLse: true, splits });
+          expect(maxAbsDiff((await gpu.out.toArray()) as Float32Array, co), `budget ${budget} splits ${splits}`).toBeLessThan(2e-2);
+          expect(maxAbsDiff((await gpu.lse!.toArray()) as Float32Array, cl), `budget ${budget} splits ${splits}`).toBeLessThan(2e-3);
+          gpu.out.dispose();
+          gpu.lse!.dispose();
+        }
+        cpu.out.dispose();
+        cpu.lse!.dispose();
+      }
+    });
+  }
+
+  it('decodes in one op as the three GPU ops do (Gaussian keys, 32K tokens)', async () => {
+    const random = rng(900);
+    const [heads, kvHeads, dim, pageSize] = [32, 8, 128, 16];
+    const lengths = [32768];
+    const cache = pagedCache(lengths, pageSize, kvHeads, dim, random);
+    const shape = [cache.numPages, pageSize, kvHeads, dim];
+    using kPages = Tensor.fromArray(cache.kPages, shape, { dtype: 'bf16', device });
+    using vPages = Tensor.fromArray(cache.vPages, shape, { dtype: 'bf16', device });
+    using q = Tensor.fromArray(normal(heads * dim, random), [1, heads, dim], { dtype: 'bf16', device });
+    using meta = ops.createQuestMeta(kPages);
+    using table = new ops.StagedPageTable(cache, device);
+    ops.buildQuestMeta(kPages, meta, table);
+    using scores = ops.questScores(q, kPages, meta, table);
+    for (const budget of [64, 128, 256, 3000]) {
+      // The fused kernel bounds pages exactly as questScores does, so both keep the same pages.
+      using selected = ops.topkPages(scores, table, budget);
+      const steps = ops.pagedDecodeAttention(q, { kPages, vPages }, selected, { returnLse: true });
+      const one = ops.questDecodeAttention(q, { kPages, vPages }, meta, table, budget, { returnLse: true });
+      expect(maxAbsDiff((await one.out.toArray()) as Float32Array, (await steps.out.toArray()) as Float32Array), `budget ${budget}`).toBeLessThan(1e-2);
+      expect(maxAbsDiff((await one.lse!.toArray()) as Float32Array, (await steps.lse!.toArray()) as Float32Array), `budget ${budget}`).toBeLessThan(1e-3);
+      for (const t of [steps.out, steps.lse!, one.out, one.lse!]) t.dispose();
+    }
+  });
 });

@@ -10,6 +10,17 @@ function poolOf(cache: ReturnType<typeof pagedCache>, kvHeads: number, dim: numb
   return { kPages: Tensor.fromArray(cache.kPages, shape), vPages: Tensor.fromArray(cache.vPages, shape) };
 }
 
+/** A random cache with its metadata and Gaussian queries; the caller disposes of the tensors. */
+function questScene(seed: number, [heads, kvHeads, dim, pageSize]: readonly number[], lengths: number[]) {
+  const random = rng(seed);
+  const cache = pagedCache(lengths, pageSize!, kvHeads!, dim!, random);
+  const { kPages, vPages } = poolOf(cache, kvHeads!, dim!);
+  const meta = ops.createQuestMeta(kPages);
+  ops.buildQuestMeta(kPages, meta, cache);
+  const q = Tensor.fromArray(normal(lengths.length * heads! * dim!, random), [lengths.length, heads!, dim!]);
+  return { cache, kPages, vPages, meta, q };
+}
+
 describe('Quest scores (CPU reference)', () => {
   const keyKinds = {
     gaussian: (n: number, random: () => number) => normal(n, random),
@@ -112,21 +123,14 @@ describe('Quest selection (CPU reference)', () => {
   });
 
   it('gives exactly the dense decode when the budget covers every page', async () => {
-    const random = rng(31);
-    const [heads, kvHeads, dim, pageSize] = [8, 2, 16, 4];
-    const lengths = [5, 30, 1];
-    const cache = pagedCache(lengths, pageSize, kvHeads, dim, random);
-    const { kPages, vPages } = poolOf(cache, kvHeads, dim);
-    using meta = ops.createQuestMeta(kPages);
-    ops.buildQuestMeta(kPages, meta, cache);
-    using q = Tensor.fromArray(normal(lengths.length * heads * dim, random), [lengths.length, heads, dim]);
+    const { cache, kPages, vPages, meta, q } = questScene(31, [8, 2, 16, 4], [5, 30, 1]);
     using scores = ops.questScores(q, kPages, meta, cache);
     using selected = ops.topkPages(scores, cache, 8);
     const sparse = ops.pagedDecodeAttention(q, { kPages, vPages }, selected, { returnLse: true });
     const dense = ops.pagedDecodeAttention(q, { kPages, vPages }, cache, { returnLse: true });
     expect([...(await sparse.out.toArray())]).toEqual([...(await dense.out.toArray())]);
     expect([...(await sparse.lse!.toArray())]).toEqual([...(await dense.lse!.toArray())]);
-    for (const x of [sparse.out, sparse.lse!, dense.out, dense.lse!, kPages, vPages]) x.dispose();
+    for (const x of [sparse.out, sparse.lse!, dense.out, dense.lse!, kPages, vPages, meta, q]) x.dispose();
   });
 
   it('decodes each KV head over its own selection', async () => {
@@ -182,3 +186,43 @@ describe('Quest selection (CPU reference)', () => {
     vPages.dispose();
   });
 });
+
+describe('Quest decode in one op (CPU reference)', () => {
+  it('equals pagedDecodeAttention over topkPages(questScores), bit for bit', async () => {
+    const { cache, kPages, vPages, meta, q } = questScene(43, [6, 2, 16, 4], [1, 13, 40, 4]);
+    using scores = ops.questScores(q, kPages, meta, cache);
+    for (const budget of [1, 2, 3, 10, 11]) {
+      using selected = ops.topkPages(scores, cache, budget);
+      const steps = ops.pagedDecodeAttention(q, { kPages, vPages }, selected, { returnLse: true, scale: 0.3 });
+      const one = ops.questDecodeAttention(q, { kPages, vPages }, meta, cache, budget, { returnLse: true, scale: 0.3 });
+      expect([...(await one.out.toArray())], `budget ${budget}`).toEqual([...(await steps.out.toArray())]);
+      expect([...(await one.lse!.toArray())]).toEqual([...(await steps.lse!.toArray())]);
+      for (const t of [steps.out, steps.lse!, one.out, one.lse!]) t.dispose();
+    }
+    for (const t of [kPages, vPages, meta, q]) t.dispose();
+  });
+
+  it('refuses a budget below 1, metadata of another layout, a per-KV-head table and a wrong batch', () => {
+    const random = rng(47);
+    const cache = pagedCache([6, 3], 2, 2, 8, random);
+    const { kPages, vPages } = poolOf(cache, 2, 8);
+    using meta = ops.createQuestMeta(kPages);
+    using q = Tensor.zeros([2, 4, 8]);
+    const pool = { kPages, vPages };
+    expect(() => ops.questDecodeAttention(q, pool, meta, cache, 0)).toThrow(
+      expect.objectContaining({ code: 'E_RANGE', message: 'Expected integer in [1, 2147483647] for budgetPages but received 0 of type number' }),
+    );
+    using wrongMeta = Tensor.zeros([cache.numPages, 2, 2, 4]);
+    expect(() => ops.questDecodeAttention(q, pool, wrongMeta, cache, 2)).toThrow(
+      expect.objectContaining({ code: 'E_SHAPE', message: `Expected meta of shape [${cache.numPages}, 2, 2, 8] ([numPages, 2, kvHeads, headDim] of this page pool) but received [${cache.numPages}, 2, 2, 4]` }),
+    );
+    using scores = Tensor.zeros([cache.indices.length, 2]);
+    using selected = ops.topkPages(scores, cache, 1);
+    expect(() => ops.questDecodeAttention(q, pool, meta, selected, 2)).toThrow(expect.objectContaining({ code: 'E_RANGE' }));
+    using q3 = Tensor.zeros([3, 4, 8]);
+    expect(() => ops.questDecodeAttention(q3, pool, meta, cache, 2)).toThrow(expect.objectContaining({ code: 'E_SHAPE' }));
+    kPages.dispose();
+    vPages.dispose();
+  });
+});
+
