@@ -434,7 +434,7 @@ void launch_quest_decode(const QuestDecodeParams& p, void* workspace, unsigned* 
   a.group = p.shape.num_q_heads / p.shape.num_kv_heads;
   a.log2_page = floor_log2(p.kv.page_size);
   a.budget = p.budget;
-  a.scale_log2 = p.scale * 1.44269504088896340736f;
+  a.scale_log2 = p.scale * kLog2e;
   const dim3 grid(plan.splits, p.shape.num_kv_heads, p.batch);
   launch_programmatic(plan.kernel, grid, dim3(kThreads), plan.smem, has_pdl, stream, a);
   check_launch("quest_decode_kernel");
