@@ -379,7 +379,7 @@ export class PagedKVCache {
     return this.quantLayer(layer, 'tailPages').tail;
   }
 
-  /** One layer's Quest metadata, for ops.questScores (the cache must have been made with quest: true). */
+  /** One layer's Quest metadata, for ops.questDecodeAttention / ops.questScores (the cache must have been made with quest: true). */
   questMeta(layer: number): Tensor {
     this.checkLive();
     this.checkLayer(layer);
