@@ -1,15 +1,14 @@
 // Paged flash-decoding over a quantized layer (formats in native/core/quant_format.h). Codes and
-// scales are read straight from the quantized pages and dequantized in registers; the last page of
-// each sequence comes from the full-precision tail pool. Nothing is dequantized to memory.
+// scales are read straight from the quantized pages into registers; the last page of each sequence
+// comes from the full-precision tail pool. Nothing is dequantized to memory.
 //
-// The main kernel (page sizes that are multiples of 16) follows decode.cu: a block per (sequence,
-// KV head, split) serving the GQA group's heads as the rows of m16n8k16 tensor-core tiles, a
-// cp.async ring of code and statistic tiles (~4 KB of key codes a tile, the ring as deep as ~60-72
-// KB of shared memory allows), and split-K merged by log-sum-exp (decode_common.cuh). Operand
-// fragments are dequantized from shared memory straight into f16 registers: codes become f16
-// integers under the exponent of 1024 (no int-to-float unit), then one f16 fma applies scale and
-// min. Smaller pages take a simpler CUDA-core kernel.
+// The main kernel (page sizes that are multiples of 16) runs on the tensor cores with the
+// quantization statistics folded into the other operand, so the codes need one logical op per pair
+// (see the section comment below); a block per (sequence, KV head, split), split-K merged by
+// log-sum-exp (decode_common.cuh). Smaller pages take a simpler CUDA-core kernel.
 #include <cuda_fp8.h>
+
+#include <type_traits>
 
 #include "decode_common.cuh"
 #include "quant.h"
@@ -324,108 +323,165 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
 }
 
 // ---- the tensor-core kernel (page size a multiple of 16) ------------------------------------------
+//
+// The scores are computed transposed, S^T = K Q^T: the 16 tokens of a step are the rows of the
+// m16n8k16 A operand, taken from the code words in registers, and the GQA group's heads are the 8
+// columns of B (groups up to 8 use one n8 tile, up to 16 two; decode.cu's layout would pad a group
+// of 4 to 16 rows and double the products). Quantization statistics never touch the codes:
+//   q.k_t = sum_d (q_d s_d) c_td + sum_d q_d m_d
+// so the key scales (per page and channel) multiply q once per step (B = q * s), the mins enter
+// through a second product with the unscaled q (A = the min vector in every row), and the codes go
+// into A as they are: each f16 half is one code masked in place, an f16 subnormal c * 2^-24 (times
+// 4^j or 16^j for the code sitting j places up its byte, which q * s divides back out). One
+// logical op per pair of codes; the 2^24 is applied to the f32 scores. q * s is rounded to f16, and
+// that rounding would be shared by all tokens of a page (the codes are all >= 0, so it does not
+// average out: ~1e-3 in the log-sum-exp); its exact residual (one f16 fma) meets the codes in a
+// third product, so the scores carry only f32 accumulation error.
+// Values: O^T = V^T P^T with V^T as the A operand (rows = channels) and P^T the B operand,
+//   o_d = sum_t (p_t s_tg) c_td + sum_t p_t m_tg
+// so each 16-channel row tile of V^T lies inside one 32-channel block of one value group, and its
+// B operand is P^T with each token's scale of that group folded in (the transpose of the score tile
+// by movmatrix). The mins are one more product per step: rows = 32-channel blocks, A = the mins of
+// each token, B = P^T. A lane owns 4 channels of every 32-channel block (the rows of its two row
+// tiles), the 4 * BITS bits at that block's lane offset; the 2^24 and the 4^j / 16^j of each channel
+// come out once, at the end.
+// Memory: each warp streams its own 16-token steps (steps w, w+4, ... of the split) through its own
+// cp.async ring of codes and statistics, so no warp waits for another until the end; the
+// full-precision tail page is prefetched at the start by the warp that will take it. q lives in
+// shared memory (read by ldmatrix each step), which keeps the kernel within 128 registers at
+// D <= 128: four blocks (16 warps) per SM.
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
+// The 8x8 matrix of 16-bit elements held as one fragment register per lane, transposed.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t r;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
-// Codes c, c' sitting in the low bits of each half of w, under the f16 exponent of 1024: (1024 + c,
-// 1024 + c') as f16, minus 1024 (exact), times the pair of scales plus the pair of mins: one f16
-// rounding of the dequantized value (2^-11 relative), no int-to-float unit.
-__device__ __forceinline__ uint32_t dq_pair(uint32_t w, uint32_t mask, __half2 s, __half2 m) {
-  const __half2 c = __hsub2(u2h((w & mask) | 0x64006400u), u2h(0x64006400u));
-  return h2u(__hfma2(c, s, m));
-}
-// Two e4m3 codes (the low 16 bits of w) as f16 pair times s (exact conversion, one rounding).
-__device__ __forceinline__ uint32_t fp8_pair(uint32_t w, __half2 s) {
+// Two e4m3 codes (the low 16 bits of w) as an f16 pair (exact).
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t w) {
   const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
-  return h2u(__hmul2(*reinterpret_cast<const __half2*>(&raw), s));
+  return *reinterpret_cast<const uint32_t*>(&raw);
 }
+// Two T elements (low first) as an f16 pair.
 template <typename T>
-__device__ __forceinline__ __half2 to_half2(uint32_t pair);  // two T elements (low first) as f16
-template <>
-__device__ __forceinline__ __half2 to_half2<__half>(uint32_t pair) { return u2h(pair); }
-template <>
-__device__ __forceinline__ __half2 to_half2<__nv_bfloat16>(uint32_t pair) {
-  return __float22half2_rn(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair)));
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pair_of(T x, T y) {
-  uint32_t r = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&x)) |
-               (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&y)) << 16);
-  return h2u(to_half2<T>(r));
+__device__ __forceinline__ uint32_t to_f16x2(uint32_t pair) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return pair;
+  } else {
+    return h2u(__float22half2_rn(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair))));
+  }
 }
 
-// Geometry of the tensor-core kernel for head dim D and BITS (8, 4, 2; 0 = fp8, 8 bits).
-template <int D, int BITS>
+// Geometry of the tensor-core kernel for head dim D, BITS (8, 4, 2; 0 = fp8) and NQ n8 head tiles.
+template <int D, int BITS, int NQ>
 struct Geo {
-  static constexpr int B = BITS == 0 ? 8 : BITS;  // bits per code
-  static constexpr int ROWB = D * B / 8;           // code bytes of one token row of one head
-  // Tokens per stage: 4 KB of key codes, at least 64 so each warp has a whole 16-token step. Short
-  // tiles keep the blocks small (4 per SM for int2) so there are warps to hide the dequantization's
-  // latency; the ring's depth (below) then keeps ~100 KB per SM in flight.
-  static constexpr int TT = 4096 / ROWB > 64 ? 4096 / ROWB : 64;
-  static constexpr int STEPS = TT / kWarps / 16;  // 16-token steps per warp per tile
-  static constexpr int CPR = ROWB / 16;           // 16-byte chunks per code row
-  static constexpr int SWM = (CPR < 8 ? CPR : 8) - 1;  // chunk swizzle mask (row low bits)
-  static constexpr int KLB = ROWB / 4;            // key code bytes a lane reads per token (a quarter row)
-  static constexpr int VLB = ROWB / 8;            // value code bytes a lane reads per token (an eighth)
-  static constexpr int SLOTS = TT / 16;           // key-statistics slots per stage, one per step
-  // Integer formats: a slot is the page's key scale[D] and min[D] (f16); fp8: two 16-byte blocks
-  // holding the page's K and V scales.
-  static constexpr int SLOT_BYTES = BITS == 0 ? 32 : 4 * D;
-  static constexpr int VSLOT = 2 * D / 32 > 4 ? 2 * D / 32 : 4;  // per-token value scale (or min) bytes, G >= 32
-  static constexpr int VSTAT_BYTES = BITS == 0 ? 0 : TT * 2 * VSLOT;
-  static constexpr int STAGE = 2 * TT * ROWB + SLOTS * SLOT_BYTES + VSTAT_BYTES + SLOTS * 4;
-  static constexpr int Q_BYTES = 16 * D * 2;
-  static constexpr int TAIL_BYTES = 2 * 16 * D * 2;  // one 16-token step of tail K and V rows (2-byte T)
-  // Up to D = 128 the kernel fits in 128 registers (launch bounds below), so four blocks share an SM
-  // and the ring is the deepest (4, 3 or 2 stages) within ~56 KB per block; at D = 256 the deepest
-  // within ~60 or ~72 KB (4 or 3 blocks per SM, registers permitting).
-  static constexpr int EXTRA = Q_BYTES + TAIL_BYTES;
-  static constexpr int BUDGET4 = D <= 128 ? 56 * 1024 : 60 * 1024, BUDGET3 = D <= 128 ? 56 * 1024 : 72 * 1024;
-  static constexpr int STAGES = 4 * STAGE + EXTRA <= BUDGET4 ? 4 : 3 * STAGE + EXTRA <= BUDGET3 ? 3 : 2;
-  static constexpr int MERGE_BYTES = (kWarps * 16 * D + 2 * kWarps * 16) * 4;
-  static constexpr int RING = STAGES * STAGE;
-  static constexpr int SMEM = (RING > MERGE_BYTES ? RING : MERGE_BYTES) + Q_BYTES + TAIL_BYTES;
+  static constexpr bool FP8 = BITS == 0;
+  static constexpr bool PACKED = BITS == 4 || BITS == 2;  // several codes share a byte
+  static constexpr int B = FP8 ? 8 : BITS;  // bits per code
+  static constexpr int ROWB = D * B / 8;    // code bytes of one token row of one head
+  static constexpr int CPR = ROWB / 16;     // 16-byte chunks per code row
+  // Chunk c of code row r sits at chunk c ^ swizzle(r): rows that share a 128-byte bank line keep
+  // their chunks, rows of different lines trade them, so the lanes' reads of several rows at one
+  // offset meet distinct banks.
+  static constexpr int SWM = (CPR < 8 ? CPR : 8) - 1;
+  static constexpr int LINE_LOG = CPR >= 8 ? 0 : CPR == 4 ? 1 : CPR == 2 ? 2 : 3;  // log2 rows per line
+  __host__ __device__ static constexpr int swizzle(int row) { return (row >> LINE_LOG) & SWM; }
+  static constexpr int KLB = ROWB / 4;  // key code bytes a lane reads per token (a quarter row)
+  static constexpr int KW = KLB / 4;
+  static constexpr int KK = D / 16;     // k16 steps of the scores
+  static constexpr int NB = D / 32;     // 32-channel blocks (two V^T row tiles each)
+  static constexpr int PB = B / 2;      // code bytes of a lane's 4 channels of a block
+  static constexpr int VSB = D / 16 > 4 ? D / 16 : 4;  // bytes of one token's value scales (or mins)
+  // One step's slot: K codes [16][ROWB], V codes [16][ROWB], then the key statistics (integer:
+  // scale[D] with its 16-byte chunks swizzled by kscale_chunk, min[D]; fp8: the aligned words holding
+  // the K and V scales, and which half is this head's), then the value statistics [scale, min][16
+  // tokens][VSB] (integer only).
+  static constexpr int V_OFF = 16 * ROWB, KS_OFF = 32 * ROWB;
+  static constexpr int KS_BYTES = FP8 ? 16 : 4 * D;
+  static constexpr int VS_OFF = KS_OFF + KS_BYTES;
+  static constexpr int STEP = VS_OFF + (FP8 ? 0 : 2 * 16 * VSB);
+  // Four blocks per SM where the registers allow (D <= 128, one head tile), else two; the ring is
+  // as deep as the shared memory of that many blocks allows (2 to 8 steps per warp).
+  static constexpr int MIN_BLOCKS = D <= 128 && NQ == 1 ? 4 : 2;
+  static constexpr int TAIL = 2 * 16 * D * 2;  // one 16-token chunk of tail K and V rows
+  // q as f16 rows of 8 * NQ heads, twice (the key codes' channel order and the plain one), each row
+  // padded by 16 bytes so the 8 rows one ldmatrix reads meet distinct banks.
+  static constexpr int QROW = 2 * D + 16;
+  static constexpr int Q_BYTES = 2 * 8 * NQ * QROW;
+  static constexpr int FIT = ((MIN_BLOCKS == 4 ? 56 : 112) * 1024 - TAIL - Q_BYTES) / (kWarps * STEP);
+  static constexpr int STAGES = FIT > 8 ? 8 : FIT < 2 ? 2 : FIT;
+  static constexpr int RING = kWarps * STAGES * STEP;
+  static constexpr int MERGE = (kWarps * 16 * D + 2 * kWarps * 16) * 4;
+  static constexpr int SMEM = (RING + TAIL > MERGE ? RING + TAIL : MERGE) + Q_BYTES;
+  // The quarter row of key scales lane t reads: 16-byte chunk i of the scale row is stored at
+  // kscale_chunk(i), so the four quarters a phase of 8 lanes reads sit in distinct banks.
+  __host__ __device__ static constexpr int kscale_chunk(int i) { return i ^ ((i >> 3) & (D >= 256 ? 3 : D >= 128 ? 1 : 0)); }
+
+  // Key codes: register (kk, e) of a token (A operand columns 2t + 8e, +1 of k-step kk) from the
+  // lane's quarter row w[KW]. Its two channels (within the quarter) are lo(kk, e) and hi(kk, e),
+  // each a code times mult(kk, e) as an f16 subnormal (fp8: the code's value).
+  __host__ __device__ static constexpr int lo(int kk, int e) {
+    return B == 8 ? 4 * kk + 2 * e : B == 4 ? 8 * (kk / 2) + 2 * (kk % 2) + e : 16 * (kk / 4) + 2 * (kk % 4) + e;
+  }
+  __host__ __device__ static constexpr int hi(int kk, int e) { return lo(kk, e) + (B == 8 ? 1 : B == 4 ? 4 : 8); }
+  __host__ __device__ static constexpr float mult(int kk, int e) {
+    return B == 8 ? 1.f : B == 4 ? ((2 * (kk % 2) + e) & 1 ? 16.f : 1.f) : float(1 << (2 * ((2 * (kk % 4) + e) & 3)));
+  }
+  __device__ static uint32_t key_pair(const uint32_t (&w)[KW], int kk, int e) {
+    if constexpr (FP8) {
+      return fp8_pair(w[kk] >> (16 * e));
+    } else if constexpr (B == 8) {  // bytes 2e, 2e + 1 into the low byte of each half
+      return prmt(w[kk], 0u, e ? 0x4342u : 0x4140u);
+    } else if constexpr (B == 4) {  // word kk/2: nibble r of bytes 0, 2 (r < 2) or 1, 3
+      const int r = 2 * (kk % 2) + e;
+      const uint32_t x = r < 2 ? w[kk / 2] : w[kk / 2] >> 8;
+      return x & (r & 1 ? 0x00f000f0u : 0x000f000fu);
+    } else {  // word kk/4: 2-bit field r of bytes 0, 2 (r < 4) or 1, 3
+      const int r = 2 * (kk % 4) + e;
+      const uint32_t x = r < 4 ? w[kk / 4] : w[kk / 4] >> 8;
+      return x & (0x00030003u << (2 * (r & 3)));
+    }
+  }
+  // The plain operand order (q for the key mins and the tail): register (kk, e) of lane (g, t)
+  // pairs channels nat(kk, e, t) and +1 (integer formats: the order ldmatrix reads rows in; fp8:
+  // the codes' own order, so one copy of q serves both).
+  __host__ __device__ static constexpr int nat(int kk, int e, int t) {
+    return FP8 ? t * (D / 4) + 4 * kk + 2 * e : 16 * kk + 8 * e + 2 * t;
+  }
+  // Channel cl (0..3) of a lane's block piece: the power of two its accumulated column carries.
+  __host__ __device__ static constexpr float vmult(int cl) {
+    return B == 8 ? 1.f : B == 4 ? (cl & 1 ? 16.f : 1.f) : float(1 << (2 * cl));
+  }
 };
 
+
 // T: element type of q, out and the tail pool. D: head dimension. BITS: 8, 4, 2 (KIVI integer
-// formats) or 0 (fp8e4m3 with a per-(page, head) scale).
-//
-// A block owns (sequence, KV head, split) and up to 16 query heads, the rows of m16n8k16 tiles as
-// in decode.cu. Codes and statistics stream through a cp.async ring; each warp takes 16-token steps
-// of each tile (one page: P is a multiple of 16) and dequantizes its operand fragments straight from
-// shared memory into f16 registers, then runs S = Q K^T and O += P V on the tensor cores in f16
-// (q converted to f16, exact for bf16 inputs within the f16 range).
-// Why a lane's channels are permuted: a fragment pairs two adjacent k indices in one register; for
-// K the lane reads a contiguous quarter of its token's code row and takes channels in row order (Q
-// is stored in shared memory under the same permutation, so the dot product is unchanged); for V
-// each lane owns a contiguous eighth of the channels (output columns permuted, undone in the merge)
-// and pairs two tokens per register.
-template <typename T, int D, int BITS>
-__global__ void __launch_bounds__(kThreads, D <= 128 ? 4 : 1) quant_mma_decode_kernel(const QuantDecodeArgs a) {
-  using G = Geo<D, BITS>;
-  constexpr int B = G::B, ROWB = G::ROWB, TT = G::TT, CPR = G::CPR, KLB = G::KLB, VLB = G::VLB;
-  constexpr int NT = D / 8;  // 8-wide output column tiles
-  constexpr int KW = KLB / 4;  // key code words per lane per token (KLB >= 4)
-  constexpr int VWB = VLB >= 4 ? VLB : 4;  // value code bytes held per token (VLB = 2 padded)
-  static_assert(G::STEPS >= 1, "a warp needs a whole step");
+// formats) or 0 (fp8e4m3 with a per-(page, head) scale). NQ: n8 head tiles per block (1 or 2).
+template <typename T, int D, int BITS, int NQ>
+__global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
+    quant_mma_decode_kernel(const QuantDecodeArgs a) {
+  using G = Geo<D, BITS, NQ>;
+  constexpr int ROWB = G::ROWB, CPR = G::CPR, KK = G::KK, NB = G::NB, KW = G::KW, KLB = G::KLB;
+  constexpr int S = G::STAGES;
+  constexpr bool FP8 = G::FP8;
+  constexpr float kSub = 16777216.f;  // 2^24: an f16 subnormal's unit
 
   extern __shared__ __align__(128) unsigned char smem[];
-  __half* q_s = reinterpret_cast<__half*>(smem + (G::RING > G::MERGE_BYTES ? G::RING : G::MERGE_BYTES));
-
-  const int hk = blockIdx.x / a.head_chunks;
-  const int head0 = (blockIdx.x % a.head_chunks) * 16;
-  const int split = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  const int hk = blockIdx.x / a.head_chunks;
+  const int head0 = (blockIdx.x % a.head_chunks) * (8 * NQ);
+  const int split = blockIdx.y, b = blockIdx.z;
   wait_for_previous_grid();  // launched early (programmatic): nothing above reads memory
   launch_dependents();
-  const int nheads = min(16, a.group - head0);
+  const int nheads = min(8 * NQ, a.group - head0);
   const int qh0 = hk * a.group + head0;
 
   const int page_begin = a.indptr[b];
@@ -433,334 +489,490 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 4 : 1) quant_mma_decode_k
   const int page_size = 1 << a.log2_page;
   const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[b] : 0;
   const int qlen = npages > 0 ? (npages - 1) * page_size : 0;  // quantized tokens; the rest is the tail
-  const int per_split = ((len + a.num_splits - 1) / a.num_splits + TT - 1) / TT * TT;
+  const int per_split = ((len + a.num_splits - 1) / a.num_splits + 63) / 64 * 64;
   const int start = split * per_split;
   const int end = min(len, start + per_split);
   const int qend = min(end, qlen);
-  // Tiles cover the split's quantized tokens [start, qend); its tail tokens [tstart, end), if any, are
-  // 16-token steps through a shared buffer whose first step is prefetched before the ring.
-  const int ntiles = start < qend ? (qend - start + TT - 1) / TT : 0;
+  // The split's quantized tokens [start, qend) are whole 16-token steps (start and qlen are multiples
+  // of 16); warp w takes steps w, w + 4, ... Its tail tokens [tstart, end) go to the warp next in turn.
+  const int nsteps = start < qend ? (qend - start) / 16 : 0;
+  const int my_steps = nsteps > warp ? (nsteps - warp + kWarps - 1) / kWarps : 0;
   const int tstart = max(start, qlen);
+  const bool tail_warp = tstart < end && warp == nsteps % kWarps;
 
-  // q as f16 (16 rows; rows past the group are zero), column L holding channel phys(L) (see above).
-  for (int i = tid; i < 16 * D; i += kThreads) {
-    const int r = i / D, L = i % D;
-    const int kk = L / 16, ki = L % 16;
-    const int ch = ((ki & 7) >> 1) * (D / 4) + kk * 4 + (ki >= 8 ? 2 : 0) + (ki & 1);
-    float x = 0.f;
-    if (r < nheads) x = to_float(static_cast<const T*>(a.q)[(static_cast<int64_t>(b) * a.num_heads + qh0 + r) * D + ch]);
-    q_s[swz<D>(r, L / 8) + L % 8] = __float2half_rn(x);
-  }
-
-  const int64_t hkv = a.num_kv_heads;
+  const int hkv = a.num_kv_heads;
   const int32_t* seq_pages = a.indices + page_begin;
   const int ng = a.value_groups;
   const int vbytes = 2 * ng;  // bytes of one token's value scales (or mins) of one head
-  auto stage_ptr = [&](int stage) { return smem + stage * G::STAGE; };
-  // Stage layout: K codes [TT][ROWB], V codes [TT][ROWB], slots [SLOTS][SLOT_BYTES], value stats
-  // [TT][scale, min][VSLOT], slot offsets [SLOTS] (fp8: where the head's scale sits in its block).
-  auto issue = [&](int tile) {
-    unsigned char* st = stage_ptr(tile % G::STAGES);
-    const int t0 = start + tile * TT;
+  unsigned char* ring = smem + warp * (S * G::STEP);
+  T* tail_s = reinterpret_cast<T*>(smem + G::RING);  // [K, V][16][D]
+  unsigned char* q_s = smem + (G::SMEM - G::Q_BYTES);  // [key order, plain][8 * NQ][QROW]
+
+  // What this lane copies of every step: code chunk k is row crow + k * 32 / CPR, 16-byte chunk
+  // lane % CPR; one 16-byte chunk of key statistics; token lane & 15's value scales (lanes 0-15)
+  // or mins (16-31).
+  constexpr int NCH = (16 * CPR + 31) / 32;
+  const int crow = lane / CPR;
+  const int code_src = crow * hkv * ROWB + (lane % CPR) * 16;
+  const __half* vstat_src = nullptr;
+  if constexpr (!FP8) vstat_src = (lane < 16 ? a.v_scale : a.v_min) + (lane & 15) * hkv * ng;
+  auto page_of = [&](int j) { return __ldg(seq_pages + ((start + 16 * (warp + kWarps * j)) >> a.log2_page)); };
+  auto issue = [&](int j, int slot, int page) {
+    unsigned char* st = ring + slot * G::STEP;
+    const int pos0 = start + 16 * (warp + kWarps * j);
+    const int64_t row0 = (static_cast<int64_t>(page) * page_size + (pos0 & (page_size - 1))) * hkv + hk;
+    const uint8_t* kc = a.k_codes + row0 * ROWB + code_src;
+    const uint8_t* vc = a.v_codes + row0 * ROWB + code_src;
 #pragma unroll
-    for (int i = tid; i < TT * CPR; i += kThreads) {
-      const int row = i / CPR, c = i % CPR;
-      const int pos = t0 + row;
-      const bool valid = pos < qend;
-      const int64_t page = valid ? __ldg(seq_pages + (pos >> a.log2_page)) : 0;
-      const int64_t off = ((page * page_size + (pos & (page_size - 1))) * hkv + hk) * ROWB + c * 16;
-      const int so = row * ROWB + ((c ^ (row & G::SWM)) << 4);
-      cp_async16(smem_addr(st + so), a.k_codes + off, valid);
-      cp_async16(smem_addr(st + TT * ROWB + so), a.v_codes + off, valid);
+    for (int k = 0; k < NCH; ++k) {
+      if (16 * CPR >= 32 || lane < 16 * CPR) {
+        const int r = crow + k * (32 / CPR);
+        const int64_t src = static_cast<int64_t>(k) * (32 / CPR) * hkv * ROWB;
+        const uint32_t dst = smem_addr(st + r * ROWB + (((lane % CPR) ^ G::swizzle(r)) << 4));
+        cp_async16(dst, kc + src, true);
+        cp_async16(dst + G::V_OFF, vc + src, true);
+      }
     }
-    unsigned char* slots = st + 2 * TT * ROWB;
-    if constexpr (BITS == 0) {
-      int* ofs = reinterpret_cast<int*>(slots + G::SLOTS * G::SLOT_BYTES);
-      for (int i = tid; i < G::SLOTS; i += kThreads) {
-        const int pos = t0 + i * 16;
-        const bool valid = pos < qend;
-        const int64_t e = (valid ? __ldg(seq_pages + (pos >> a.log2_page)) : 0) * hkv + hk;
-        cp_async16(smem_addr(slots + i * 32), a.k_scale + (e & ~int64_t(7)), valid);
-        cp_async16(smem_addr(slots + i * 32 + 16), a.v_scale + (e & ~int64_t(7)), valid);
-        ofs[i] = static_cast<int>(e & 7);
-      }
+    if constexpr (FP8) {
+      const int64_t e = static_cast<int64_t>(page) * hkv + hk;
+      if (lane < 2) cp_async_small<4>(smem_addr(st + G::KS_OFF + 4 * lane), (lane ? a.v_scale : a.k_scale) + (e & ~int64_t(1)), true);
+      if (lane == 2) *reinterpret_cast<int*>(st + G::KS_OFF + 8) = static_cast<int>(e & 1);
     } else {
-      constexpr int SC = D / 8;  // 16-byte chunks of one statistic row
-      for (int i = tid; i < G::SLOTS * 2 * SC; i += kThreads) {
-        const int sl = i / (2 * SC), c = i % (2 * SC);
-        const int pos = t0 + sl * 16;
-        const bool valid = pos < qend;
-        const int64_t e = ((valid ? __ldg(seq_pages + (pos >> a.log2_page)) : 0) * hkv + hk) * D;
-        const __half* src = c < SC ? a.k_scale + e + c * 8 : a.k_min + e + (c - SC) * 8;
-        cp_async16(smem_addr(slots + sl * G::SLOT_BYTES + c * 16), src, valid);
+      const int64_t e = (static_cast<int64_t>(page) * hkv + hk) * D;
+#pragma unroll
+      for (int k = 0; k < (D / 4 + 31) / 32; ++k) {  // 16-byte chunk i of the scale row, then the min row
+        const int i = lane + 32 * k;
+        if (i < D / 4) {
+          const bool min_row = i >= D / 8;
+          const __half* src = min_row ? a.k_min + e + (i - D / 8) * 8 : a.k_scale + e + i * 8;
+          cp_async16(smem_addr(st + G::KS_OFF + 16 * (min_row ? i : G::kscale_chunk(i))), src, true);
+        }
       }
-      unsigned char* vst = slots + G::SLOTS * G::SLOT_BYTES;
-      for (int i = tid; i < TT * 2; i += kThreads) {
-        const int row = i >> 1, which = i & 1;
-        const int pos = t0 + row;
-        const bool valid = pos < qend;
-        const int64_t page = valid ? __ldg(seq_pages + (pos >> a.log2_page)) : 0;
-        const int64_t e = ((page * page_size + (pos & (page_size - 1))) * hkv + hk) * ng;
-        const __half* base = which ? a.v_min : a.v_scale;
-        const uint32_t dst = smem_addr(vst + i * G::VSLOT);
-        if (vbytes >= 16) cp_async16(dst, base + e, valid);
-        else if (vbytes == 8) cp_async_small<8>(dst, base + e, valid);
-        else cp_async_small<4>(dst, base + (e & ~int64_t(1)), valid);  // 2 or 4 bytes: the aligned word
-      }
+      const __half* src = vstat_src + row0 * ng;
+      const uint32_t dst = smem_addr(st + G::VS_OFF + lane * G::VSB);  // [scale, min][token][VSB]
+      if (vbytes >= 16) cp_async16(dst, src, true);
+      else if (vbytes == 8) cp_async_small<8>(dst, src, true);
+      else cp_async_small<4>(dst, reinterpret_cast<const __half*>(reinterpret_cast<uintptr_t>(src) & ~uintptr_t(3)), true);
     }
   };
-
-  float o[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};
-  float l[2] = {0.f, 0.f};
-  const uint32_t q_base = smem_addr(q_s);
-  const T* k_tail = static_cast<const T*>(a.k_tail);
-  const T* v_tail = static_cast<const T*>(a.v_tail);
-  const int vgroup = (g * (D / 8)) >> a.log2_group;  // value group of this lane's channels
-
-  T* tail_s = reinterpret_cast<T*>(smem + (G::RING > G::MERGE_BYTES ? G::RING : G::MERGE_BYTES) + G::Q_BYTES);
   auto issue_tail = [&](int c0) {  // tail tokens c0 .. c0 + 15 as rows [K, V][16][D]; past `end` zeros
     const int64_t tail_page = __ldg(seq_pages + npages - 1);
-    for (int i = tid; i < 16 * (D / 8); i += kThreads) {
+    for (int i = lane; i < 16 * (D / 8); i += 32) {
       const int r = i / (D / 8), c = i % (D / 8);
       const bool valid = c0 + r < end;
       const int64_t off = ((tail_page * page_size + (valid ? c0 + r - qlen : 0)) * hkv + hk) * D + c * 8;
-      cp_async16(smem_addr(tail_s + r * D + c * 8), k_tail + off, valid);
-      cp_async16(smem_addr(tail_s + (16 + r) * D + c * 8), v_tail + off, valid);
+      cp_async16(smem_addr(tail_s + r * D + c * 8), static_cast<const T*>(a.k_tail) + off, valid);
+      cp_async16(smem_addr(tail_s + (16 + r) * D + c * 8), static_cast<const T*>(a.v_tail) + off, valid);
     }
   };
-  if (tstart < end) issue_tail(tstart);
-  cp_async_commit();  // the oldest group: complete once the ring's first wait returns
+
+  // The oldest group: the tail's first chunk (empty for the other warps), then S - 1 steps ahead.
+  if (tail_warp) issue_tail(tstart);
+  cp_async_commit();
 #pragma unroll
-  for (int s = 0; s < G::STAGES - 1; ++s) {
-    if (s < ntiles) issue(s);
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < my_steps) issue(s, s, page_of(s));
     cp_async_commit();
   }
+  int next_page = S - 1 < my_steps ? page_of(S - 1) : 0;
 
-  for (int tile = 0; tile < ntiles; ++tile) {
-    cp_async_wait<G::STAGES - 2>();
-    __syncthreads();
-    if (tile + G::STAGES - 1 < ntiles) issue(tile + G::STAGES - 1);
-    cp_async_commit();
+  // q as f16 rows, read as B fragments by ldmatrix: in the key codes' order (chunk 2kk + e holds,
+  // for t = 0..3, the pair key_pair (kk, e) of quarter t, each channel divided by the power of two
+  // its code carries: exact) and in the plain order (integer formats: for the key mins and the tail).
+  for (int i = threadIdx.x; i < 8 * NQ * D; i += kThreads) {
+    const int h = i / D, pos = i % D;
+    const int c = pos / 8, el = pos % 8, kk = c / 2, e = c % 2, tt = el / 2;
+    const int ch = tt * (D / 4) + (el & 1 ? G::hi(kk, e) : G::lo(kk, e));
+    const T* row = static_cast<const T*>(a.q) + (static_cast<int64_t>(b) * a.num_heads + qh0 + h) * D;
+    const bool valid = h < nheads;
+    reinterpret_cast<__half*>(q_s + h * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[ch]) / G::mult(kk, e) : 0.f);
+    if constexpr (!FP8) {
+      reinterpret_cast<__half*>(q_s + (8 * NQ + h) * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[pos]) : 0.f);
+    }
+  }
+  __syncthreads();
+  // Lane address of ldmatrix x4 for head tile n, array arr (0: key order, 1: plain), k-steps 2kk2, +1.
+  const uint32_t q_read = smem_addr(q_s) + (lane & 7) * G::QROW + (lane >> 3) * 16;
+  auto q_frag = [&](uint32_t (&r)[4], int arr, int n, int kk2) {
+    ldsm_x4(r, q_read + (arr * 8 * NQ + 8 * n) * G::QROW + kk2 * 64);
+  };
+  const float sl = a.scale_log2;
 
-    const unsigned char* st = stage_ptr(tile % G::STAGES);
-    const unsigned char* kc = st;
-    const unsigned char* vc = st + TT * ROWB;
-    const unsigned char* slots = st + 2 * TT * ROWB;
+  float o[NQ][2 * NB][4], vm[NQ][4];  // O^T tiles (rows: channels, columns: heads 2t, 2t + 1), value mins
+  float m[NQ][2], l[NQ][2];           // per head 8n + 2t + i: running max (log2 domain) and the lane's sum
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int i = 0; i < 2 * NB; ++i) o[n][i][0] = o[n][i][1] = o[n][i][2] = o[n][i][3] = 0.f;
+    vm[n][0] = vm[n][1] = vm[n][2] = vm[n][3] = 0.f;
+    m[n][0] = m[n][1] = -INFINITY;
+    l[n][0] = l[n][1] = 0.f;
+  }
+
+  // The online softmax of one 16-token step: s[n] holds (token g, heads 2t, 2t + 1) and (token g + 8,
+  // ...) in the log2 domain; returns the probabilities packed as f16 pairs per token row.
+  auto softmax = [&](float (&s)[NQ][4], uint32_t (&hp)[NQ][2]) {
+    float factor[NQ][2];
+    bool changed = false;
+#pragma unroll
+    for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = fmaxf(s[n][i], s[n][i + 2]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float mn = fmaxf(m[n][i], mx);
+        const float use = mn == -INFINITY ? 0.f : mn;  // an all-masked head keeps p = 0, not NaN
+        factor[n][i] = exp2f(m[n][i] - use);
+        changed |= mn != m[n][i];
+        m[n][i] = mn;
+        const float p0 = exp2f(s[n][i] - use), p1 = exp2f(s[n][i + 2] - use);
+        l[n][i] = l[n][i] * factor[n][i] + (p0 + p1);
+        s[n][i] = p0;
+        s[n][i + 2] = p1;
+      }
+      hp[n][0] = h2u(__floats2half2_rn(s[n][0], s[n][1]));
+      hp[n][1] = h2u(__floats2half2_rn(s[n][2], s[n][3]));
+    }
+    // The accumulators are rescaled only when a maximum moved (rare once a sequence is under way).
+    if (__any_sync(0xffffffffu, changed)) {
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+        for (int i = 0; i < 2 * NB; ++i) {
+          o[n][i][0] *= factor[n][0];
+          o[n][i][1] *= factor[n][1];
+          o[n][i][2] *= factor[n][0];
+          o[n][i][3] *= factor[n][1];
+        }
+        vm[n][0] *= factor[n][0];
+        vm[n][1] *= factor[n][1];
+      }
+    }
+  };
+
+  // Lane constants of the reads. Key codes: rows g, g + 8 (one swizzle), the lane's quarter. Value
+  // pieces: rows 2t, 2t + 8 and 2t + 1, 2t + 9 (a swizzle each), the aligned word holding the lane's
+  // piece, the byte of the piece within it and the selectors pairing that byte (and the next) of two
+  // tokens into the low bytes of an f16 pair. Value statistics: where the f16 of the group of block
+  // jb sits in a token's VSB bytes (one group per token: the half of its aligned word given by the
+  // row's parity; pages start even).
+  const int kswz = G::swizzle(g);
+  const int vswz[2] = {G::swizzle(2 * t), G::swizzle(2 * t + 1)};
+  const int vbyte = (g * G::PB) & ~3;
+  const int pbyte = (g * G::PB) & 3;
+  const uint32_t sel0 = pbyte | ((4 + pbyte) << 8), sel1 = (pbyte + 1) | ((5 + pbyte) << 8);
+  const int lg_blocks = a.log2_group - 5;  // log2 of the 32-channel blocks per value group
+  auto vstat_off = [&](int r, int jb) { return ng == 1 ? 2 * ((r * hkv + hk) & 1) : 2 * (jb >> lg_blocks); };
+  // Key mins by ldmatrix: every row of the A tile is the min vector (lanes 0-15 point at channels
+  // 16kk .. +7, lanes 16-31 at 16kk + 8 .. +15).
+  const int kmin_read = G::KS_OFF + 2 * D + ((lane >> 4) & 1) * 16;
+
+  int slot = 0, slot_issue = S - 1;
 #pragma unroll 1
-    for (int step = 0; step < G::STEPS; ++step) {
-      const int tr0 = (warp * G::STEPS + step) * 16;  // first tile row of this step
-      const int pos0 = start + tile * TT + tr0;
-      if (pos0 >= qend) break;  // warp-uniform; qend is a multiple of 16, so steps are whole
-      const unsigned char* slot = slots + (tr0 / 16) * G::SLOT_BYTES;
+  for (int j = 0; j < my_steps; ++j) {
+    cp_async_wait<S - 2>();
+    __syncwarp();
+    if (j + S - 1 < my_steps) issue(j + S - 1, slot_issue, next_page);
+    cp_async_commit();
+    if (j + S < my_steps) next_page = page_of(j + S);
+    const unsigned char* st = ring + slot * G::STEP;
+    slot = slot + 1 == S ? 0 : slot + 1;
+    slot_issue = slot_issue + 1 == S ? 0 : slot_issue + 1;
 
-      // ---- S = Q K^T: two n8 blocks, tokens tr0 + j*8 + g
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      uint32_t kw[2][KW];
-      {
+    // ---- scores S^T = K Q^T of tokens g, g + 8 (rows) and heads 2t, 2t + 1 (columns)
+    uint32_t kw[2][KW];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int row = tr0 + j * 8 + g;
-          const unsigned char* rp = kc + row * ROWB;
-          if constexpr (KLB >= 16) {
+    for (int jj = 0; jj < 2; ++jj) {
+      const unsigned char* rp = st + (g + 8 * jj) * ROWB;
+      if constexpr (KLB >= 16) {
 #pragma unroll
-            for (int c = 0; c < KLB / 16; ++c) {
-              const int ch = t * (KLB / 16) + c;
-              const uint4 v = *reinterpret_cast<const uint4*>(rp + ((ch ^ (row & G::SWM)) << 4));
-              kw[j][c * 4] = v.x;
-              kw[j][c * 4 + 1] = v.y;
-              kw[j][c * 4 + 2] = v.z;
-              kw[j][c * 4 + 3] = v.w;
-            }
-          } else {
-            const int byte = t * KLB;
-            const unsigned char* p = rp + (((byte >> 4) ^ (row & G::SWM)) << 4) + (byte & 15);
-            if constexpr (KLB == 8) {
-              const uint2 v = *reinterpret_cast<const uint2*>(p);
-              kw[j][0] = v.x;
-              kw[j][1] = v.y;
-            } else {
-              kw[j][0] = *reinterpret_cast<const uint32_t*>(p);
-            }
-          }
+        for (int c = 0; c < KLB / 16; ++c) {
+          const uint4 v = *reinterpret_cast<const uint4*>(rp + (((t * (KLB / 16) + c) ^ kswz) << 4));
+          kw[jj][4 * c] = v.x, kw[jj][4 * c + 1] = v.y, kw[jj][4 * c + 2] = v.z, kw[jj][4 * c + 3] = v.w;
         }
-      }
-      __half2 ks2 = __float2half2_rn(1.f);
-      if constexpr (BITS == 0) {
-        const int ofs = reinterpret_cast<const int*>(slots + G::SLOTS * G::SLOT_BYTES)[tr0 / 16];
-        ks2 = __half2half2(reinterpret_cast<const __half*>(slot)[ofs]);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[4];
-        ldsm_x4(qa, q_base + 2 * swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        const int ch0 = t * (D / 4) + kk * 4;  // this lane's 4 channels ch0 .. ch0 + 3
-        __half2 s01, s23, m01, m23;
-        if constexpr (BITS != 0) {
-          const uint2 sv = *reinterpret_cast<const uint2*>(slot + ch0 * 2);
-          const uint2 mv = *reinterpret_cast<const uint2*>(slot + 2 * D + ch0 * 2);
-          s01 = u2h(sv.x), s23 = u2h(sv.y), m01 = u2h(mv.x), m23 = u2h(mv.y);
-          // The masks below leave a pair's codes multiplied by 1, 16 (int4) or 1, 4, 16, 64 (int2):
-          // the scales divide those powers of two out.
-          if constexpr (B == 4) {
-            s01 = __hmul2(s01, __halves2half2(__float2half(1.f), __float2half(1.f / 16)));
-            s23 = __hmul2(s23, __halves2half2(__float2half(1.f), __float2half(1.f / 16)));
-          } else if constexpr (B == 2) {
-            s01 = __hmul2(s01, __halves2half2(__float2half(1.f), __float2half(1.f / 4)));
-            s23 = __hmul2(s23, __halves2half2(__float2half(1.f / 16), __float2half(1.f / 64)));
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          uint32_t b0, b1;
-          if constexpr (BITS == 0) {
-            const uint32_t w = kw[j][kk];
-            b0 = fp8_pair(w, ks2);
-            b1 = fp8_pair(w >> 16, ks2);
-          } else if constexpr (B == 8) {
-            const uint32_t w = kw[j][kk];
-            b0 = dq_pair(prmt(w, 0, 0x4140), 0x00ff00ffu, s01, m01);
-            b1 = dq_pair(prmt(w, 0, 0x4342), 0x00ff00ffu, s23, m23);
-          } else if constexpr (B == 4) {
-            const uint32_t w = kw[j][kk / 2] >> ((kk & 1) * 16);  // 4 nibbles: bytes (c0 c1), (c2 c3)
-            b0 = dq_pair(prmt(w, 0, 0x4040), 0x00f0000fu, s01, m01);
-            b1 = dq_pair(prmt(w, 0, 0x4141), 0x00f0000fu, s23, m23);
-          } else {
-            const uint32_t w = prmt(kw[j][kk / 4], 0, 0x4040 + (kk & 3) * 0x0101);  // byte kk%4 twice
-            b0 = dq_pair(w, 0x000c0003u, s01, m01);
-            b1 = dq_pair(w, 0x00c00030u, s23, m23);
-          }
-          Elem<__half>::mma(s[j], qa, b0, b1);
-        }
-      }
-
-      uint32_t pa[4];
-      softmax_step<__half, NT>(s, pos0, qend, a.scale_log2, m, l, o, pa);
-
-      // ---- O += P V: tokens x = 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); lane's channels g*D/8 + nb
-      {
-        // Code words of the 4 tokens (A, B = 2t, 2t+1; C, D = 2t+8, 2t+9), VWB bytes each.
-        uint32_t vw[4][VWB / 4];
-        __half2 vs[2], vm[2];  // (scale, min) pairs of tokens (A, B) and (C, D)
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int row = tr0 + (x >> 1) * 8 + 2 * t + (x & 1);
-          const unsigned char* rp = vc + row * ROWB;
-          const int byte = g * VLB;
-          const unsigned char* p = rp + (((byte >> 4) ^ (row & G::SWM)) << 4) + (byte & 15);
-          if constexpr (VLB >= 16) {
-#pragma unroll
-            for (int c = 0; c < VLB / 16; ++c) {
-              const int ch = g * (VLB / 16) + c;
-              const uint4 v = *reinterpret_cast<const uint4*>(rp + ((ch ^ (row & G::SWM)) << 4));
-              vw[x][c * 4] = v.x;
-              vw[x][c * 4 + 1] = v.y;
-              vw[x][c * 4 + 2] = v.z;
-              vw[x][c * 4 + 3] = v.w;
-            }
-          } else if constexpr (VLB == 8) {
-            const uint2 v = *reinterpret_cast<const uint2*>(p);
-            vw[x][0] = v.x;
-            vw[x][1] = v.y;
-          } else if constexpr (VLB == 4) {
-            vw[x][0] = *reinterpret_cast<const uint32_t*>(p);
-          } else {
-            vw[x][0] = *reinterpret_cast<const uint16_t*>(p);
-          }
-        }
-        if constexpr (BITS == 0) {
-          const int ofs = reinterpret_cast<const int*>(slots + G::SLOTS * G::SLOT_BYTES)[tr0 / 16];
-          const __half v1 = reinterpret_cast<const __half*>(slot + 16)[ofs];
-          vs[0] = vs[1] = __half2half2(v1);
+      } else {
+        const unsigned char* p = rp + ((((t * KLB) >> 4) ^ kswz) << 4) + ((t * KLB) & 15);
+        if constexpr (KLB == 8) {
+          const uint2 v = *reinterpret_cast<const uint2*>(p);
+          kw[jj][0] = v.x, kw[jj][1] = v.y;
         } else {
-          const __half* vst = reinterpret_cast<const __half*>(slots + G::SLOTS * G::SLOT_BYTES);
-          __half sc[4], mn[4];
+          kw[jj][0] = *reinterpret_cast<const uint32_t*>(p);
+        }
+      }
+    }
+    float s[NQ][4];
+    if constexpr (FP8) {
+      const int par = *reinterpret_cast<const int*>(st + G::KS_OFF + 8);
+      const float ks = __half2float(reinterpret_cast<const __half*>(st + G::KS_OFF)[par]) * sl;
+      float acc[NQ][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KK; kk += 2) {
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+          uint32_t qf[4];
+          q_frag(qf, 0, n, kk / 2);
+#pragma unroll
+          for (int k2 = 0; k2 < 2; ++k2) {
+            const uint32_t ka[4] = {G::key_pair(kw[0], kk + k2, 0), G::key_pair(kw[1], kk + k2, 0),
+                                    G::key_pair(kw[0], kk + k2, 1), G::key_pair(kw[1], kk + k2, 1)};
+            Elem<__half>::mma(acc[n], ka, qf[2 * k2], qf[2 * k2 + 1]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = acc[n][i] * ks;
+      }
+    } else {
+      // The lane's quarter of the page's key scales: words of channel pairs (2i, 2i + 1).
+      constexpr int QW = D / 8;
+      uint32_t sw[QW];
+#pragma unroll
+      for (int c = 0; c < QW / 4; ++c) {
+        const int chunk = G::kscale_chunk(t * (D / 32) + c);
+        const uint4 x = *reinterpret_cast<const uint4*>(st + G::KS_OFF + 16 * chunk);
+        sw[4 * c] = x.x, sw[4 * c + 1] = x.y, sw[4 * c + 2] = x.z, sw[4 * c + 3] = x.w;
+      }
+      const uint32_t kmin = smem_addr(st + kmin_read);
+      // q * s rounded to f16 (qs) and its rounding error (exact, by one fma): the codes meet both, so
+      // the scores carry no rounding of the scales (that error would be shared by a page's tokens).
+      float acc[NQ][4] = {}, acce[NQ][4] = {}, accm[NQ][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KK; kk += 2) {
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+          uint32_t qf[4], qn[4];
+          q_frag(qf, 0, n, kk / 2);
+          q_frag(qn, 1, n, kk / 2);
+#pragma unroll
+          for (int k2 = 0; k2 < 2; ++k2) {
+            const int k = kk + k2;
+            const uint32_t ka[4] = {G::key_pair(kw[0], k, 0), G::key_pair(kw[1], k, 0), G::key_pair(kw[0], k, 1),
+                                    G::key_pair(kw[1], k, 1)};
+            uint32_t qs[2], qe[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int lo = G::lo(k, e), hi = G::hi(k, e);
+              const __half2 sp = u2h(G::PACKED ? prmt(sw[lo / 2], sw[hi / 2], lo & 1 ? 0x7632u : 0x5410u) : sw[2 * k + e]);
+              const __half2 q2 = u2h(qf[2 * k2 + e]);
+              const __half2 p = __hmul2(q2, sp);
+              qs[e] = h2u(p);
+              qe[e] = h2u(__hfma2(q2, sp, __hneg2(p)));
+            }
+            uint32_t ma[4];
+            ldsm_x4(ma, kmin + 32 * k);
+            Elem<__half>::mma(acc[n], ka, qs[0], qs[1]);
+            Elem<__half>::mma(acce[n], ka, qe[0], qe[1]);
+            Elem<__half>::mma(accm[n], ma, qn[2 * k2], qn[2 * k2 + 1]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = fmaf(acc[n][i] + acce[n][i], kSub * sl, accm[n][i] * sl);
+      }
+    }
+
+    uint32_t hp[NQ][2];
+    softmax(s, hp);
+
+    // ---- O^T += V^T P^T: lane's channels jb*32 + 4g + cl, tokens 2t, 2t + 1 (x = 0, 1), 2t + 8, 2t + 9
+    uint32_t vw[4][NB];  // the aligned word holding the lane's piece of block jb of token x
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const unsigned char* rp = st + G::V_OFF + ((x >> 1) * 8 + 2 * t + (x & 1)) * ROWB;
+#pragma unroll
+      for (int jb = 0; jb < NB; ++jb) {
+        const int byte = jb * 4 * G::B + vbyte;
+        vw[x][jb] = *reinterpret_cast<const uint32_t*>(rp + (((byte >> 4) ^ vswz[x & 1]) << 4) + (byte & 15));
+      }
+    }
+    const unsigned char* vst = st + G::VS_OFF;
+    uint32_t pt[NQ][2];  // P^T as B fragments (tokens 2t.. and 2t + 8.., head g)
+#pragma unroll
+    for (int n = 0; n < NQ; ++n) pt[n][0] = transpose8x8(hp[n][0]), pt[n][1] = transpose8x8(hp[n][1]);
+    if constexpr (!FP8) {
+      // Value mins: rows = the lane's block g (if any), columns = tokens.
+      uint32_t ma[4] = {0u, 0u, 0u, 0u};
+      if (g < NB) {
+        const __half* mn = reinterpret_cast<const __half*>(vst + 16 * G::VSB);
+        auto at = [&](int r) { return mn[(r * G::VSB + vstat_off(r, g)) / 2]; };
+        ma[0] = h2u(__halves2half2(at(2 * t), at(2 * t + 1)));
+        ma[2] = h2u(__halves2half2(at(2 * t + 8), at(2 * t + 9)));
+      }
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) Elem<__half>::mma(vm[n], ma, pt[n][0], pt[n][1]);
+    }
+    __half2 vs8 = __float2half2_rn(1.f);
+    if constexpr (FP8) {
+      const int par = *reinterpret_cast<const int*>(st + G::KS_OFF + 8);
+      vs8 = __half2half2(reinterpret_cast<const __half*>(st + G::KS_OFF + 4)[par]);
+    }
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      // A fragments of row tiles 2jb (channels cl = 0, 1) and 2jb + 1 (cl = 2, 3).
+      uint32_t va[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // token pair (2t, 2t + 1) or (2t + 8, 2t + 9)
+        const uint32_t wa = vw[2 * h][jb], wb = vw[2 * h + 1][jb];
+        if constexpr (FP8) {
+          const uint32_t x0 = prmt(wa, wb, 0x5140u), x1 = prmt(wa, wb, 0x7362u);
+          va[0][2 * h] = fp8_pair(x0), va[0][2 * h + 1] = fp8_pair(x0 >> 16);
+          va[1][2 * h] = fp8_pair(x1), va[1][2 * h + 1] = fp8_pair(x1 >> 16);
+        } else if constexpr (G::B == 8) {
+#pragma unroll
+          for (int cl = 0; cl < 4; ++cl) va[cl / 2][2 * h + cl % 2] = prmt(wa, wb, cl | ((4 + cl) << 8)) & 0x00ff00ffu;
+        } else if constexpr (G::B == 4) {
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const uint32_t x = prmt(wa, wb, u ? sel1 : sel0);
+            va[u][2 * h] = x & 0x000f000fu;
+            va[u][2 * h + 1] = x & 0x00f000f0u;
+          }
+        } else {
+          const uint32_t x = prmt(wa, wb, sel0);
+#pragma unroll
+          for (int cl = 0; cl < 4; ++cl) va[cl / 2][2 * h + cl % 2] = x & (0x00030003u << (2 * cl));
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+        uint32_t bs[2];
+        if constexpr (FP8) {
+          bs[0] = h2u(__hmul2(u2h(pt[n][0]), vs8));
+          bs[1] = h2u(__hmul2(u2h(pt[n][1]), vs8));
+        } else {  // each token's scale of this block's group, on its row of P before the transpose
+          const __half* sc = reinterpret_cast<const __half*>(vst);
+          const int off = vstat_off(g, jb);
+          const __half s0 = sc[(g * G::VSB + off) / 2], s1 = sc[((g + 8) * G::VSB + off) / 2];
+          bs[0] = transpose8x8(h2u(__hmul2(u2h(hp[n][0]), __half2half2(s0))));
+          bs[1] = transpose8x8(h2u(__hmul2(u2h(hp[n][1]), __half2half2(s1))));
+        }
+        Elem<__half>::mma(o[n][2 * jb], va[0], bs[0], bs[1]);
+        Elem<__half>::mma(o[n][2 * jb + 1], va[1], bs[0], bs[1]);
+      }
+    }
+  }
+
+  // To real units: a quantized column carries 2^24 / vmult(cl) (fp8: nothing), plus its block's mins.
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int jb = 0; jb < NB; ++jb) {
+      float add[2] = {0.f, 0.f};
+      if constexpr (!FP8) {
+        add[0] = __shfl_sync(0xffffffffu, vm[n][0], jb * 4 + t);
+        add[1] = __shfl_sync(0xffffffffu, vm[n][1], jb * 4 + t);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float f = FP8 ? 1.f : kSub / G::vmult(2 * u + (e >> 1));
+          o[n][2 * jb + u][e] = fmaf(o[n][2 * jb + u][e], f, add[e & 1]);
+        }
+      }
+    }
+  }
+
+  // The tail: full-precision rows, 16 tokens at a time, on one warp (one chunk when P = 16).
+  if (tail_warp) {
+    for (int c0 = tstart; c0 < end; c0 += 16) {
+      if (c0 != tstart) {
+        __syncwarp();  // every lane is done with the buffer
+        issue_tail(c0);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+      __syncwarp();
+      float s[NQ][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KK; kk += 2) {
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+          uint32_t qf[4];
+          q_frag(qf, FP8 ? 0 : 1, n, kk / 2);
+#pragma unroll
+          for (int k2 = 0; k2 < 2; ++k2) {
+            uint32_t ka[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {  // rows g, g + 8; channels nat(kk + k2, e, t), +1
+              const int row = g + 8 * (i & 1), e = i >> 1;
+              ka[i] = to_f16x2<T>(*reinterpret_cast<const uint32_t*>(tail_s + row * D + G::nat(kk + k2, e, t)));
+            }
+            Elem<__half>::mma(s[n], ka, qf[2 * k2], qf[2 * k2 + 1]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = c0 + g + 8 * (i >> 1) < end ? s[n][i] * sl : -INFINITY;
+      }
+      uint32_t hp[NQ][2], pt[NQ][2];
+      softmax(s, hp);
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) pt[n][0] = transpose8x8(hp[n][0]), pt[n][1] = transpose8x8(hp[n][1]);
+      const T* vt = tail_s + 16 * D;
+#pragma unroll
+      for (int jb = 0; jb < NB; ++jb) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          uint32_t w[4];  // channels (ch, ch + 1) of tokens 2t, 2t + 1, 2t + 8, 2t + 9
+          const int ch = jb * 32 + 4 * g + 2 * u;
 #pragma unroll
           for (int x = 0; x < 4; ++x) {
-            const int row = tr0 + (x >> 1) * 8 + 2 * t + (x & 1);
-            // One group per token: its halves sit at the word's parity (rows of a page alternate
-            // parity with the token; pages start even since P >= 16).
-            const int off = ng == 1 ? ((row * static_cast<int>(hkv) + hk) & 1) : vgroup;
-            sc[x] = vst[(row * 2) * (G::VSLOT / 2) + off];
-            mn[x] = vst[(row * 2 + 1) * (G::VSLOT / 2) + off];
+            w[x] = to_f16x2<T>(*reinterpret_cast<const uint32_t*>(vt + ((x >> 1) * 8 + 2 * t + (x & 1)) * D + ch));
           }
-          vs[0] = __halves2half2(sc[0], sc[1]);
-          vs[1] = __halves2half2(sc[2], sc[3]);
-          vm[0] = __halves2half2(mn[0], mn[1]);
-          vm[1] = __halves2half2(mn[2], mn[3]);
-        }
-        // The fragments are built per nb for both token pairs, then one mma per nb.
+          const uint32_t va[4] = {prmt(w[0], w[1], 0x5410u), prmt(w[0], w[1], 0x7632u), prmt(w[2], w[3], 0x5410u),
+                                  prmt(w[2], w[3], 0x7632u)};
 #pragma unroll
-        for (int nb = 0; nb < NT; ++nb) {
-          uint32_t bb[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t* wa = vw[2 * h];
-            const uint32_t* wb = vw[2 * h + 1];
-            if constexpr (BITS == 0 || B == 8) {
-              const int byte = nb % 4, word = nb / 4;
-              if constexpr (BITS == 0) {  // byte `byte` of tokens a, b side by side in the low 16 bits
-                bb[h] = fp8_pair(prmt(wa[word], wb[word], byte | ((4 + byte) << 4)), vs[h]);
-              } else {  // ... in bits 0-7 and 16-23
-                bb[h] = dq_pair(prmt(wa[word], wb[word], byte | ((4 + byte) << 8)), 0x00ff00ffu, vs[h], vm[h]);
-              }
-            } else if constexpr (B == 4) {
-              const int byte = (nb / 2) % 4, word = nb / 8;
-              const uint32_t z = prmt(wa[word], wb[word], byte | ((4 + byte) << 8));
-              const __half2 sc = (nb & 1) ? __hmul2(vs[h], __float2half2_rn(1.f / 16)) : vs[h];
-              bb[h] = dq_pair(z, (nb & 1) ? 0x00f000f0u : 0x000f000fu, sc, vm[h]);
-            } else {
-              const int byte = (nb / 4) % 4, word = nb / 16, sub = nb % 4;
-              const uint32_t z = prmt(wa[word], wb[word], byte | ((4 + byte) << 8));
-              const __half2 sc = __hmul2(vs[h], __float2half2_rn(1.f / static_cast<float>(1 << (2 * sub))));
-              bb[h] = dq_pair(z, 0x00030003u << (2 * sub), sc, vm[h]);
-            }
-          }
-          Elem<__half>::mma(o[nb], pa, bb[0], bb[1]);
+          for (int n = 0; n < NQ; ++n) Elem<__half>::mma(o[n][2 * jb + u], va, pt[n][0], pt[n][1]);
         }
       }
     }
   }
 
-  // The tail: full-precision rows, 16 tokens at a time, on warp 0 (one step when P = 16).
-  for (int c0 = tstart; c0 < end; c0 += 16) {  // block-uniform
-    if (c0 != tstart) {
-      __syncthreads();  // warp 0 is done with the buffer
-      issue_tail(c0);
-      cp_async_commit();
+  // Merge the warps: each leaves its heads' rows (channel jb*32 + 4g + cl) and (m, l) in shared memory.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
+  float* m_s = o_s + kWarps * 16 * D;           // [kWarps][16]
+  float* l_s = m_s + kWarps * 16;               // [kWarps][16]
+  float* ow = o_s + warp * 16 * D;
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[n][i] += __shfl_xor_sync(0xffffffffu, l[n][i], 4);
+      l[n][i] += __shfl_xor_sync(0xffffffffu, l[n][i], 8);
+      l[n][i] += __shfl_xor_sync(0xffffffffu, l[n][i], 16);
     }
-    cp_async_wait<0>();
-    __syncthreads();
-    if (warp == 0) {
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[4];
-        ldsm_x4(qa, q_base + 2 * swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        const int ch0 = t * (D / 4) + kk * 4;
+    for (int jb = 0; jb < NB; ++jb) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const uint32_t* rp = reinterpret_cast<const uint32_t*>(tail_s + (j * 8 + g) * D + ch0);
-          Elem<__half>::mma(s[j], qa, h2u(to_half2<T>(rp[0])), h2u(to_half2<T>(rp[1])));
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ow[(8 * n + 2 * t + (e & 1)) * D + jb * 32 + 4 * g + 2 * u + (e >> 1)] = o[n][2 * jb + u][e];
         }
       }
-      uint32_t pa[4];
-      softmax_step<__half, NT>(s, c0, end, a.scale_log2, m, l, o, pa);
-      const T* vt = tail_s + 16 * D + g * (D / 8);
+    }
+    if (g == 0) {
 #pragma unroll
-      for (int nb = 0; nb < NT; ++nb) {
-        Elem<__half>::mma(o[nb], pa, pair_of<T>(vt[(2 * t) * D + nb], vt[(2 * t + 1) * D + nb]),
-                          pair_of<T>(vt[(2 * t + 8) * D + nb], vt[(2 * t + 9) * D + nb]));
+      for (int i = 0; i < 2; ++i) {
+        m_s[warp * 16 + 8 * n + 2 * t + i] = m[n][i];
+        l_s[warp * 16 + 8 * n + 2 * t + i] = l[n][i];
       }
     }
   }
-
-  // Merge the warps (all share the one head tile). Column 2t + e of tile n is channel (2t + e) * D/8 + n.
-  finish_block<T, D, kWarps, 1>(smem, o, m, l, [](int n, int c) { return c * (D / 8) + n; }, nheads,
-                                static_cast<int64_t>(b) * a.num_heads + qh0, split, a.num_splits, a.out, a.lse,
-                                a.part_out, a.part_lse);
+  __syncthreads();
+  store_block_output<T, D, kWarps, 1>(o_s, m_s, l_s, nheads, static_cast<int64_t>(b) * a.num_heads + qh0, split,
+                                      a.num_splits, a.out, a.lse, a.part_out, a.part_lse);
 }
 
 // ---- host side -------------------------------------------------------------------------------
@@ -773,40 +985,52 @@ struct KernelChoice {
   int heads_per_block;  // query heads per block
 };
 
+template <typename T, int D, int BITS, int NQ>
+KernelChoice mma_choice() {
+  return {quant_mma_decode_kernel<T, D, BITS, NQ>, launch_merge<T>, static_cast<size_t>(Geo<D, BITS, NQ>::SMEM),
+          kWarps * 16, 8 * NQ};
+}
+
+// Groups up to 8 heads take one n8 tile of heads per block, larger groups two (16 heads a block)
+// up to D = 128; at D = 256 two tiles would not fit the registers, so blocks take 8 heads each.
 template <typename T, int D, int BITS>
-KernelChoice make_choice(bool small_pages) {
+KernelChoice make_choice(bool small_pages, int group) {
   if (small_pages) return {quant_small_page_decode_kernel<T, D, BITS>, launch_merge<T>, 0, 0, kHeads};
-  return {quant_mma_decode_kernel<T, D, BITS>, launch_merge<T>, static_cast<size_t>(Geo<D, BITS>::SMEM),
-          Geo<D, BITS>::TT, 16};
+  if constexpr (D <= 128) {
+    if (group > 8) return mma_choice<T, D, BITS, 2>();
+  }
+  return mma_choice<T, D, BITS, 1>();
 }
 
 template <typename T, int D>
-KernelChoice choose_bits(QuantFormat f, bool small_pages) {
+KernelChoice choose_bits(QuantFormat f, bool small_pages, int group) {
   switch (f) {
-    case QuantFormat::FP8E4M3: return make_choice<T, D, 0>(small_pages);
-    case QuantFormat::INT8: return make_choice<T, D, 8>(small_pages);
-    case QuantFormat::INT4: return make_choice<T, D, 4>(small_pages);
-    case QuantFormat::INT2: return make_choice<T, D, 2>(small_pages);
+    case QuantFormat::FP8E4M3: return make_choice<T, D, 0>(small_pages, group);
+    case QuantFormat::INT8: return make_choice<T, D, 8>(small_pages, group);
+    case QuantFormat::INT4: return make_choice<T, D, 4>(small_pages, group);
+    case QuantFormat::INT2: return make_choice<T, D, 2>(small_pages, group);
   }
   fail(ErrorCode::Unsupported, "unknown quantized format");
 }
 
 template <typename T>
-KernelChoice choose_dim(int head_dim, QuantFormat f, bool small_pages) {
+KernelChoice choose_dim(int head_dim, QuantFormat f, bool small_pages, int group) {
   switch (head_dim) {
-    case 64: return choose_bits<T, 64>(f, small_pages);
-    case 128: return choose_bits<T, 128>(f, small_pages);
-    case 256: return choose_bits<T, 256>(f, small_pages);
+    case 64: return choose_bits<T, 64>(f, small_pages, group);
+    case 128: return choose_bits<T, 128>(f, small_pages, group);
+    case 256: return choose_bits<T, 256>(f, small_pages, group);
   }
   fail(ErrorCode::Unsupported, "quantized decode supports head_dim 64, 128 and 256, not ", head_dim);
 }
 
-// The one dispatch point: dtype x head dim x format x (page size a multiple of 16 or not).
+// The one dispatch point: dtype x head dim x format x (page size a multiple of 16 or not) x (GQA
+// group up to 8 or more).
 KernelChoice choose_kernel(const QuantDecodeParams& p) {
   const bool small_pages = p.kv.page_size % 16 != 0;
+  const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
   switch (p.dtype) {
-    case DType::BF16: return choose_dim<__nv_bfloat16>(p.shape.head_dim, p.quant.format, small_pages);
-    case DType::F16: return choose_dim<__half>(p.shape.head_dim, p.quant.format, small_pages);
+    case DType::BF16: return choose_dim<__nv_bfloat16>(p.shape.head_dim, p.quant.format, small_pages, group);
+    case DType::F16: return choose_dim<__half>(p.shape.head_dim, p.quant.format, small_pages, group);
     default: break;
   }
   fail(ErrorCode::Dtype, "quantized decode supports f16 and bf16, not ", dtype_name(p.dtype));
