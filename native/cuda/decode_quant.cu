@@ -1101,7 +1101,7 @@ void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, 
   a.pages_per_split = plan.pages_per_split;
   a.value_groups = p.quant.format == QuantFormat::FP8E4M3 ? 1 : p.quant.groups();
   a.log2_group = floor_log2(p.quant.group_size);
-  a.scale_log2 = p.scale * 1.44269504088896340736f;
+  a.scale_log2 = p.scale * kLog2e;
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
   launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem, int64_t(p.batch) * p.shape.num_q_heads,
                           p.shape.head_dim, workspace, has_pdl, stream, "quantized decode");
