@@ -27,16 +27,21 @@ float attend(DType dtype, int head_dim, const void* q, const KeyValueRows& kv, i
     logits.push_back(dot * scale);
     max_logit = std::max(max_logit, logits.back());
   }
-  std::vector<float> acc(head_dim, 0.0f);
-  float denominator = 0.0f;
+  // The two long sums run in double: summed one by one in float, a million terms of similar size
+  // stagnate (lse off by 1.4e-3 at 2^20 keys), and the oracle must stay exact at the longest contexts.
+  std::vector<double> acc(head_dim, 0.0);
+  double denominator = 0.0;
   for (int j = first; j <= last; ++j) {
     const float weight = std::exp(logits[j - first] - max_logit);
     denominator += weight;
     const void* value = kv.value(j);
-    for (int d = 0; d < head_dim; ++d) acc[d] += weight * load_float(dtype, value, d);
+    for (int d = 0; d < head_dim; ++d) acc[d] += double(weight) * load_float(dtype, value, d);
   }
-  for (int d = 0; d < head_dim; ++d) store_float(dtype, out, d, denominator > 0 ? acc[d] / denominator : 0.0f);
-  return denominator > 0 ? max_logit + std::log(denominator) : -std::numeric_limits<float>::infinity();
+  for (int d = 0; d < head_dim; ++d) {
+    store_float(dtype, out, d, denominator > 0 ? static_cast<float>(acc[d] / denominator) : 0.0f);
+  }
+  return denominator > 0 ? max_logit + static_cast<float>(std::log(denominator))
+                         : -std::numeric_limits<float>::infinity();
 }
 
 // The keys query i (of num_queries, aligned to the end of num_keys) may see under the mask.
