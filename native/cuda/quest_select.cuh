@@ -6,7 +6,10 @@
 // one 12-bit radix pass from the highest bit where the row's keys differ usually leaves a final bin
 // of a handful of keys, which one warp ranks exactly. Loops stay compact: the fused kernel runs each
 // phase once per block, cold, so code fetched once costs as much as the work (measured: per-key
-// loops unrolled 64 times took ~300 cycles a key, and every block waited on the same fetches).
+// loops unrolled 64 times took ~300 cycles a key, and every block waited on the same fetches). The
+// short loops that remain unrolled stay so: rolling them (the bin walk, the member ranking, the key
+// passes) cost 0.5-0.8 us at 32K tokens and 1.3-1.7 us at 128K, and the kernel ran no faster with its
+// code already in L2, so what is left is each step's chain of dependent instructions.
 #pragma once
 #include <cstdint>
 
