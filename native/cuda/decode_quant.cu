@@ -1123,6 +1123,12 @@ struct Plan {
   int head_chunks, splits, pages_per_split;
 };
 
+// A warp of the main kernel reaches its ring's steady state only after some steps: splits shorter
+// than 16 steps per warp cost more in ring fill, merge and partials than they gain once the grid
+// already covers every SM (B = 1, L = 32768, H100: 32 splits beat the 64 that fill 4 blocks per SM by
+// 6-12%).
+constexpr int kSteadySplitTokens = kWarps * 16 * 16;
+
 // Splits from host-known capacities (plan_splits in decode_common.cuh): whole tiles per split for
 // the main kernel, whole pages (as tiles of one page) for the small-page kernel.
 Plan make_plan(const QuantDecodeParams& p) {
@@ -1135,7 +1141,13 @@ Plan make_plan(const QuantDecodeParams& p) {
   const int64_t slots = resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem);
   const int tile = plan.k.tile > 0 ? plan.k.tile : p.kv.page_size;
   plan.splits = plan_splits(base, slots, max_len, tile, 0);
-  if (plan.k.tile == 0) {
+  if (plan.k.tile > 0) {
+    int device = 0, sms = 0;
+    KV_CUDA(cudaGetDevice(&device));
+    KV_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t steady = std::max((max_len + kSteadySplitTokens - 1) / kSteadySplitTokens, (sms + base - 1) / base);
+    if (steady < plan.splits) plan.splits = plan_splits(base, slots, max_len, tile, static_cast<int>(steady));
+  } else {
     const int64_t per_split = (max_pages + plan.splits - 1) / plan.splits;
     plan.pages_per_split = static_cast<int>(per_split);
     plan.splits = static_cast<int>((max_pages + per_split - 1) / per_split);
