@@ -342,8 +342,10 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
 // so each 16-channel row tile of V^T lies inside one 32-channel block of one value group, and its
 // B operand is P^T with each token's scale of that group folded in (the transpose of the score tile
 // by movmatrix). The mins are one more product per step: rows = 32-channel blocks, A = the mins of
-// each token, B = P^T. A lane owns 4 channels of every 32-channel block (the rows of its two row
-// tiles), the 4 * BITS bits at that block's lane offset; the 2^24 and the 4^j / 16^j of each channel
+// each token, B = P^T. With 2- and 4-bit codes a lane owns 4 channels of every 32-channel block (the
+// rows of its two row tiles), the 4 * BITS bits at that block's lane offset; with 8-bit codes a row
+// tile is a 16-byte chunk and the lane's rows are its bytes 2g, 2g + 1. 8- and 4-bit pieces come
+// paired across tokens straight from ldmatrix.trans. The 2^24 and the 4^j / 16^j of each channel
 // come out once, at the end.
 // Memory: each warp streams its own 16-token steps (steps w, w+4, ... of the split) through its own
 // cp.async ring of codes and statistics, so no warp waits for another until the end; the
@@ -455,6 +457,15 @@ struct Geo {
   __host__ __device__ static constexpr int nat(int kk, int e, int t) {
     return FP8 ? t * (D / 4) + 4 * kk + 2 * e : 16 * kk + 8 * e + 2 * t;
   }
+  // Value codes read by ldmatrix.trans (8 and 4 bits: a lane's piece is 16 bits of a 16-byte chunk,
+  // per token pair); 2 bits read aligned words (a piece is one byte).
+  static constexpr bool VT = B != 2;
+  // The channel of row g (+ 8 hi) of V^T row tile 2jb + u: with 8-bit codes tile 2jb + u is chunk
+  // 2jb + u (16 channels, rows g and g + 8 its channels 2g, 2g + 1), else rows g, g + 8 are channels
+  // cl = 2u, 2u + 1 of the lane's 4 channels of block jb.
+  __host__ __device__ static constexpr int vch(int jb, int u, int g, int hi) {
+    return 32 * jb + (B == 8 ? 16 * u + 2 * g : 4 * g + 2 * u) + hi;
+  }
   // Channel cl (0..3) of a lane's block piece: the power of two its accumulated column carries.
   __host__ __device__ static constexpr float vmult(int cl) {
     return B == 8 ? 1.f : B == 4 ? (cl & 1 ? 16.f : 1.f) : float(1 << (2 * cl));
@@ -509,50 +520,74 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
   unsigned char* q_s = smem + (G::SMEM - G::Q_BYTES);  // [key order, plain][8 * NQ][QROW]
 
   // What this lane copies of every step: code chunk k is row crow + k * 32 / CPR, 16-byte chunk
-  // lane % CPR; one 16-byte chunk of key statistics; token lane & 15's value scales (lanes 0-15)
-  // or mins (16-31).
+  // lane % CPR; 16-byte chunk lane + 32k of the key statistics (the scale row, then the min row);
+  // token lane & 15's value scales (lanes 0-15) or mins (16-31). Every source is a lane pointer
+  // plus the step's 16-token row block (or page) times a stride: one wide multiply-add each.
   constexpr int NCH = (16 * CPR + 31) / 32;
+  constexpr int KSC = (D / 4 + 31) / 32;
+  const bool copies_codes = 16 * CPR >= 32 || lane < 16 * CPR;
   const int crow = lane / CPR;
-  const int code_src = crow * hkv * ROWB + (lane % CPR) * 16;
-  const __half* vstat_src = nullptr;
-  if constexpr (!FP8) vstat_src = (lane < 16 ? a.v_scale : a.v_min) + (lane & 15) * hkv * ng;
-  auto page_of = [&](int j) { return __ldg(seq_pages + ((start + 16 * (warp + kWarps * j)) >> a.log2_page)); };
-  auto issue = [&](int j, int slot, int page) {
-    unsigned char* st = ring + slot * G::STEP;
-    const int pos0 = start + 16 * (warp + kWarps * j);
-    const int64_t row0 = (static_cast<int64_t>(page) * page_size + (pos0 & (page_size - 1))) * hkv + hk;
-    const uint8_t* kc = a.k_codes + row0 * ROWB + code_src;
-    const uint8_t* vc = a.v_codes + row0 * ROWB + code_src;
+  const uint32_t code_stride = 16u * hkv * ROWB;                // bytes of a 16-token block of code rows
+  const uint32_t code_chunk = static_cast<uint32_t>(32 / CPR) * hkv * ROWB;  // code chunk k to k + 1
+  const uint8_t* kc_lane = a.k_codes + (static_cast<int64_t>(crow) * hkv + hk) * ROWB + (lane % CPR) * 16;
+  const uint8_t* vc_lane = a.v_codes + (kc_lane - a.k_codes);
+  uint32_t code_dst[NCH];  // slot-relative
 #pragma unroll
-    for (int k = 0; k < NCH; ++k) {
-      if (16 * CPR >= 32 || lane < 16 * CPR) {
-        const int r = crow + k * (32 / CPR);
-        const int64_t src = static_cast<int64_t>(k) * (32 / CPR) * hkv * ROWB;
-        const uint32_t dst = smem_addr(st + r * ROWB + (((lane % CPR) ^ G::swizzle(r)) << 4));
-        cp_async16(dst, kc + src, true);
-        cp_async16(dst + G::V_OFF, vc + src, true);
+  for (int k = 0; k < NCH; ++k) {
+    const int r = crow + k * (32 / CPR);
+    code_dst[k] = r * ROWB + (((lane % CPR) ^ G::swizzle(r)) << 4);
+  }
+  const uint32_t kstat_stride = hkv * D * 2;  // bytes of a page's key scale (or min) rows
+  const unsigned char* ks_lane[KSC];
+  const uint32_t vstat_stride = 16u * hkv * ng * 2;  // bytes of a 16-token block's value scale (or min) rows
+  const unsigned char* vs_lane = nullptr;
+  if constexpr (!FP8) {
+#pragma unroll
+    for (int k = 0; k < KSC; ++k) {
+      const int i = lane + 32 * k;  // chunk i of the [scale, min] rows
+      const __half* row = i >= D / 8 ? a.k_min + (i - D / 8) * 8 : a.k_scale + i * 8;
+      ks_lane[k] = reinterpret_cast<const unsigned char*>(row + static_cast<int64_t>(hk) * D);
+    }
+    // One token's statistics of this head: 2 * ng bytes, read as the aligned 4 bytes holding them
+    // when that is 2 (rows start at multiples of 4 bytes, as 16 * hkv * 2 is one).
+    const uintptr_t p = reinterpret_cast<uintptr_t>((lane < 16 ? a.v_scale : a.v_min) +
+                                                    (static_cast<int64_t>(lane & 15) * hkv + hk) * ng);
+    vs_lane = reinterpret_cast<const unsigned char*>(vbytes < 4 ? p & ~uintptr_t(3) : p);
+  }
+  const int lg_steps = a.log2_page - 4;  // log2 of the 16-token blocks per page
+  const int pos_w = start + 16 * warp;   // this warp's first token; step j starts at pos_w + 64 j
+  auto page_of = [&](int j) { return __ldg(seq_pages + ((pos_w + 16 * kWarps * j) >> a.log2_page)); };
+  auto issue = [&](int j, int slot, int page) {
+    const uint32_t st = smem_addr(ring) + slot * G::STEP;
+    // The step's 16-token block of the pool: its page's first block plus the block within the page.
+    const uint32_t blk = (static_cast<uint32_t>(page) << lg_steps) + (((pos_w >> 4) + kWarps * j) & ((1 << lg_steps) - 1));
+    if (copies_codes) {
+      const uint8_t* kc = kc_lane + static_cast<uint64_t>(blk) * code_stride;
+      const uint8_t* vc = vc_lane + static_cast<uint64_t>(blk) * code_stride;
+#pragma unroll
+      for (int k = 0; k < NCH; ++k) {
+        cp_async16(st + code_dst[k], kc + k * code_chunk, true);
+        cp_async16(st + G::V_OFF + code_dst[k], vc + k * code_chunk, true);
       }
     }
     if constexpr (FP8) {
       const int64_t e = static_cast<int64_t>(page) * hkv + hk;
-      if (lane < 2) cp_async_small<4>(smem_addr(st + G::KS_OFF + 4 * lane), (lane ? a.v_scale : a.k_scale) + (e & ~int64_t(1)), true);
-      if (lane == 2) *reinterpret_cast<int*>(st + G::KS_OFF + 8) = static_cast<int>(e & 1);
+      if (lane < 2) cp_async_small<4>(st + G::KS_OFF + 4 * lane, (lane ? a.v_scale : a.k_scale) + (e & ~int64_t(1)), true);
+      if (lane == 2) *reinterpret_cast<int*>(ring + slot * G::STEP + G::KS_OFF + 8) = static_cast<int>(e & 1);
     } else {
-      const int64_t e = (static_cast<int64_t>(page) * hkv + hk) * D;
 #pragma unroll
-      for (int k = 0; k < (D / 4 + 31) / 32; ++k) {  // 16-byte chunk i of the scale row, then the min row
+      for (int k = 0; k < KSC; ++k) {
         const int i = lane + 32 * k;
         if (i < D / 4) {
-          const bool min_row = i >= D / 8;
-          const __half* src = min_row ? a.k_min + e + (i - D / 8) * 8 : a.k_scale + e + i * 8;
-          cp_async16(smem_addr(st + G::KS_OFF + 16 * (min_row ? i : G::kscale_chunk(i))), src, true);
+          cp_async16(st + G::KS_OFF + 16 * (i >= D / 8 ? i : G::kscale_chunk(i)),
+                     ks_lane[k] + static_cast<uint64_t>(page) * kstat_stride, true);
         }
       }
-      const __half* src = vstat_src + row0 * ng;
-      const uint32_t dst = smem_addr(st + G::VS_OFF + lane * G::VSB);  // [scale, min][token][VSB]
+      const unsigned char* src = vs_lane + static_cast<uint64_t>(blk) * vstat_stride;
+      const uint32_t dst = st + G::VS_OFF + lane * G::VSB;  // [scale, min][token][VSB]
       if (vbytes >= 16) cp_async16(dst, src, true);
       else if (vbytes == 8) cp_async_small<8>(dst, src, true);
-      else cp_async_small<4>(dst, reinterpret_cast<const __half*>(reinterpret_cast<uintptr_t>(src) & ~uintptr_t(3)), true);
+      else cp_async_small<4>(dst, src, true);
     }
   };
   auto issue_tail = [&](int c0) {  // tail tokens c0 .. c0 + 15 as rows [K, V][16][D]; past `end` zeros
@@ -624,10 +659,10 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float mn = fmaxf(m[n][i], mx);
         const float use = mn == -INFINITY ? 0.f : mn;  // an all-masked head keeps p = 0, not NaN
-        factor[n][i] = exp2f(m[n][i] - use);
+        factor[n][i] = exp2_ftz(m[n][i] - use);
         changed |= mn != m[n][i];
         m[n][i] = mn;
-        const float p0 = exp2f(s[n][i] - use), p1 = exp2f(s[n][i + 2] - use);
+        const float p0 = exp2_ftz(s[n][i] - use), p1 = exp2_ftz(s[n][i + 2] - use);
         l[n][i] = l[n][i] * factor[n][i] + (p0 + p1);
         s[n][i] = p0;
         s[n][i + 2] = p1;
@@ -652,19 +687,34 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
     }
   };
 
-  // Lane constants of the reads. Key codes: rows g, g + 8 (one swizzle), the lane's quarter. Value
-  // pieces: rows 2t, 2t + 8 and 2t + 1, 2t + 9 (a swizzle each), the aligned word holding the lane's
-  // piece, the byte of the piece within it and the selectors pairing that byte (and the next) of two
-  // tokens into the low bytes of an f16 pair. Value statistics: where the f16 of the group of block
-  // jb sits in a token's VSB bytes (one group per token: the half of its aligned word given by the
-  // row's parity; pages start even).
+  // Lane constants of the reads. Key codes: rows g, g + 8 (one swizzle), the lane's quarter. 2-bit
+  // value pieces: rows 2t, 2t + 8 and 2t + 1, 2t + 9 (a swizzle each), the aligned word holding the
+  // lane's piece, the byte of the piece within it and the selector pairing that byte of two tokens
+  // into the low bytes of an f16 pair (8- and 4-bit pieces come by ldmatrix.trans, below).
+  // Value statistics: the f16 of the group of block jb sits at half (jb >> lg_blocks) of a token's VSB
+  // bytes, or with one group per token (ng == 1) at the half of its aligned word given by the row's
+  // parity (rows g and g + 8 share it; pages start even); vsel[jb] broadcasts that half.
   const int kswz = G::swizzle(g);
   const int vswz[2] = {G::swizzle(2 * t), G::swizzle(2 * t + 1)};
   const int vbyte = (g * G::PB) & ~3;
   const int pbyte = (g * G::PB) & 3;
-  const uint32_t sel0 = pbyte | ((4 + pbyte) << 8), sel1 = (pbyte + 1) | ((5 + pbyte) << 8);
+  const uint32_t sel0 = pbyte | ((4 + pbyte) << 8);
   const int lg_blocks = a.log2_group - 5;  // log2 of the 32-channel blocks per value group
   auto vstat_off = [&](int r, int jb) { return ng == 1 ? 2 * ((r * hkv + hk) & 1) : 2 * (jb >> lg_blocks); };
+  uint32_t vsel[NB];
+#pragma unroll
+  for (int jb = 0; jb < NB; ++jb) vsel[jb] = ((vstat_off(g, jb) / 2) & 3) * 0x2222u + 0x1010u;
+  // Value pieces by ldmatrix.trans (G::VT): x4 number c reads the matrices i = lane / 8 of (token rows
+  // 8 (i & 1) + 0..7, 16-byte chunk 2c + (i >> 1)); lane (g, t) receives bytes 2g, 2g + 1 of that
+  // chunk of tokens 2t and 2t + 1 (+ 8), already paired.
+  uint32_t vld[G::VT ? CPR / 2 : 1];
+  if constexpr (G::VT) {
+    const int row = 8 * ((lane >> 3) & 1) + (lane & 7);
+#pragma unroll
+    for (int c = 0; c < CPR / 2; ++c) {
+      vld[c] = G::V_OFF + row * ROWB + (((2 * c + (lane >> 4)) ^ G::swizzle(row)) << 4);
+    }
+  }
   // Key mins by ldmatrix: every row of the A tile is the min vector (lanes 0-15 point at channels
   // 16kk .. +7, lanes 16-31 at 16kk + 8 .. +15).
   const int kmin_read = G::KS_OFF + 2 * D + ((lane >> 4) & 1) * 16;
@@ -780,22 +830,52 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
     uint32_t hp[NQ][2];
     softmax(s, hp);
 
-    // ---- O^T += V^T P^T: lane's channels jb*32 + 4g + cl, tokens 2t, 2t + 1 (x = 0, 1), 2t + 8, 2t + 9
-    uint32_t vw[4][NB];  // the aligned word holding the lane's piece of block jb of token x
+    // ---- O^T += V^T P^T: rows (channels) G::vch, tokens 2t, 2t + 1 (x = 0, 1), 2t + 8, 2t + 9
+    // The lane's value codes: the aligned word holding its piece of block jb of token x (vw[x][jb]), or
+    // with ldmatrix its pair of 16-bit pieces of chunk c of tokens 2t, 2t + 1 (+ 8 h) (vw[2h][c]).
+    uint32_t vw[4][G::VT ? CPR : NB];
+    if constexpr (G::VT) {
 #pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      const unsigned char* rp = st + G::V_OFF + ((x >> 1) * 8 + 2 * t + (x & 1)) * ROWB;
+      for (int c = 0; c < CPR / 2; ++c) {
+        uint32_t r[4];
+        ldsm_x4_trans(r, smem_addr(st) + vld[c]);
 #pragma unroll
-      for (int jb = 0; jb < NB; ++jb) {
-        const int byte = jb * 4 * G::B + vbyte;
-        vw[x][jb] = *reinterpret_cast<const uint32_t*>(rp + (((byte >> 4) ^ vswz[x & 1]) << 4) + (byte & 15));
+        for (int i = 0; i < 4; ++i) vw[2 * (i & 1)][2 * c + (i >> 1)] = r[i];
+      }
+    } else {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const unsigned char* rp = st + G::V_OFF + ((x >> 1) * 8 + 2 * t + (x & 1)) * ROWB;
+#pragma unroll
+        for (int jb = 0; jb < NB; ++jb) {
+          const int byte = jb * 4 * G::B + vbyte;
+          vw[x][jb] = *reinterpret_cast<const uint32_t*>(rp + (((byte >> 4) ^ vswz[x & 1]) << 4) + (byte & 15));
+        }
       }
     }
     const unsigned char* vst = st + G::VS_OFF;
     uint32_t pt[NQ][2];  // P^T as B fragments (tokens 2t.. and 2t + 8.., head g)
 #pragma unroll
     for (int n = 0; n < NQ; ++n) pt[n][0] = transpose8x8(hp[n][0]), pt[n][1] = transpose8x8(hp[n][1]);
+    // Value scales of tokens g and g + 8: the words of their VSB bytes that hold the lane's halves
+    // (D = 256 with 8 groups: words 2, 3 for blocks 4..7).
+    uint32_t vsw[2][2] = {}, vsw_hi[2][2] = {};
     if constexpr (!FP8) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const unsigned char* row = vst + (g + 8 * r) * G::VSB;
+        if constexpr (G::VSB == 4) {
+          vsw[r][0] = vsw[r][1] = *reinterpret_cast<const uint32_t*>(row);
+        } else if constexpr (G::VSB == 8) {
+          const uint2 w = *reinterpret_cast<const uint2*>(row);
+          vsw[r][0] = w.x, vsw[r][1] = w.y;
+        } else {
+          const uint4 w = *reinterpret_cast<const uint4*>(row);
+          vsw[r][0] = w.x, vsw[r][1] = w.y;
+          vsw_hi[r][0] = lg_blocks == 0 ? w.z : w.x;
+          vsw_hi[r][1] = lg_blocks == 0 ? w.w : w.y;
+        }
+      }
       // Value mins: rows = the lane's block g (if any), columns = tokens.
       uint32_t ma[4] = {0u, 0u, 0u, 0u};
       if (g < NB) {
@@ -818,23 +898,25 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
       uint32_t va[2][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // token pair (2t, 2t + 1) or (2t + 8, 2t + 9)
-        const uint32_t wa = vw[2 * h][jb], wb = vw[2 * h + 1][jb];
-        if constexpr (FP8) {
-          const uint32_t x0 = prmt(wa, wb, 0x5140u), x1 = prmt(wa, wb, 0x7362u);
-          va[0][2 * h] = fp8_pair(x0), va[0][2 * h + 1] = fp8_pair(x0 >> 16);
-          va[1][2 * h] = fp8_pair(x1), va[1][2 * h + 1] = fp8_pair(x1 >> 16);
-        } else if constexpr (G::B == 8) {
-#pragma unroll
-          for (int cl = 0; cl < 4; ++cl) va[cl / 2][2 * h + cl % 2] = prmt(wa, wb, cl | ((4 + cl) << 8)) & 0x00ff00ffu;
-        } else if constexpr (G::B == 4) {
+        if constexpr (G::B == 8) {  // chunk 2jb + u: rows g, g + 8 = bytes 2g, 2g + 1 of both tokens
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const uint32_t x = prmt(wa, wb, u ? sel1 : sel0);
+            const uint32_t x = vw[2 * h][2 * jb + u];
+            if constexpr (FP8) {
+              va[u][2 * h] = fp8_pair(prmt(x, 0u, 0x20u)), va[u][2 * h + 1] = fp8_pair(prmt(x, 0u, 0x31u));
+            } else {
+              va[u][2 * h] = prmt(x, 0u, 0x4240u), va[u][2 * h + 1] = prmt(x, 0u, 0x4341u);
+            }
+          }
+        } else if constexpr (G::B == 4) {  // block jb: byte 2g (cl = 0, 1), 2g + 1 (cl = 2, 3) of both tokens
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const uint32_t x = vw[2 * h][jb] >> (8 * u);
             va[u][2 * h] = x & 0x000f000fu;
             va[u][2 * h + 1] = x & 0x00f000f0u;
           }
         } else {
-          const uint32_t x = prmt(wa, wb, sel0);
+          const uint32_t x = prmt(vw[2 * h][jb], vw[2 * h + 1][jb], sel0);
 #pragma unroll
           for (int cl = 0; cl < 4; ++cl) va[cl / 2][2 * h + cl % 2] = x & (0x00030003u << (2 * cl));
         }
@@ -846,11 +928,11 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
           bs[0] = h2u(__hmul2(u2h(pt[n][0]), vs8));
           bs[1] = h2u(__hmul2(u2h(pt[n][1]), vs8));
         } else {  // each token's scale of this block's group, on its row of P before the transpose
-          const __half* sc = reinterpret_cast<const __half*>(vst);
-          const int off = vstat_off(g, jb);
-          const __half s0 = sc[(g * G::VSB + off) / 2], s1 = sc[((g + 8) * G::VSB + off) / 2];
-          bs[0] = transpose8x8(h2u(__hmul2(u2h(hp[n][0]), __half2half2(s0))));
-          bs[1] = transpose8x8(h2u(__hmul2(u2h(hp[n][1]), __half2half2(s1))));
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t(&w)[2] = jb < 4 ? vsw[r] : vsw_hi[r];
+            bs[r] = transpose8x8(h2u(__hmul2(u2h(hp[n][r]), u2h(prmt(w[0], w[1], vsel[jb])))));
+          }
         }
         Elem<__half>::mma(o[n][2 * jb], va[0], bs[0], bs[1]);
         Elem<__half>::mma(o[n][2 * jb + 1], va[1], bs[0], bs[1]);
@@ -923,7 +1005,7 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           uint32_t w[4];  // channels (ch, ch + 1) of tokens 2t, 2t + 1, 2t + 8, 2t + 9
-          const int ch = jb * 32 + 4 * g + 2 * u;
+          const int ch = G::vch(jb, u, g, 0);
 #pragma unroll
           for (int x = 0; x < 4; ++x) {
             w[x] = to_f16x2<T>(*reinterpret_cast<const uint32_t*>(vt + ((x >> 1) * 8 + 2 * t + (x & 1)) * D + ch));
@@ -937,7 +1019,7 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
     }
   }
 
-  // Merge the warps: each leaves its heads' rows (channel jb*32 + 4g + cl) and (m, l) in shared memory.
+  // Merge the warps: each leaves its heads' rows (channels G::vch) and (m, l) in shared memory.
   cp_async_wait<0>();
   __syncthreads();
   float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
@@ -958,7 +1040,7 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ>::MIN_BLOCKS)
       for (int u = 0; u < 2; ++u) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          ow[(8 * n + 2 * t + (e & 1)) * D + jb * 32 + 4 * g + 2 * u + (e >> 1)] = o[n][2 * jb + u][e];
+          ow[(8 * n + 2 * t + (e & 1)) * D + G::vch(jb, u, g, e >> 1)] = o[n][2 * jb + u][e];
         }
       }
     }
@@ -1041,6 +1123,12 @@ struct Plan {
   int head_chunks, splits, pages_per_split;
 };
 
+// A warp of the main kernel reaches its ring's steady state only after some steps: splits shorter
+// than 16 steps per warp cost more in ring fill, merge and partials than they gain once the grid
+// already covers every SM (B = 1, L = 32768, H100: 32 splits beat the 64 that fill 4 blocks per SM by
+// 6-12%).
+constexpr int kSteadySplitTokens = kWarps * 16 * 16;
+
 // Splits from host-known capacities (plan_splits in decode_common.cuh): whole tiles per split for
 // the main kernel, whole pages (as tiles of one page) for the small-page kernel.
 Plan make_plan(const QuantDecodeParams& p) {
@@ -1053,7 +1141,13 @@ Plan make_plan(const QuantDecodeParams& p) {
   const int64_t slots = resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem);
   const int tile = plan.k.tile > 0 ? plan.k.tile : p.kv.page_size;
   plan.splits = plan_splits(base, slots, max_len, tile, 0);
-  if (plan.k.tile == 0) {
+  if (plan.k.tile > 0) {
+    int device = 0, sms = 0;
+    KV_CUDA(cudaGetDevice(&device));
+    KV_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t steady = std::max((max_len + kSteadySplitTokens - 1) / kSteadySplitTokens, (sms + base - 1) / base);
+    if (steady < plan.splits) plan.splits = plan_splits(base, slots, max_len, tile, static_cast<int>(steady));
+  } else {
     const int64_t per_split = (max_pages + plan.splits - 1) / plan.splits;
     plan.pages_per_split = static_cast<int>(per_split);
     plan.splits = static_cast<int>((max_pages + per_split - 1) / per_split);
