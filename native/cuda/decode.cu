@@ -20,20 +20,11 @@ namespace {
 constexpr int kTile = 64;  // tokens: splits cover whole tiles, so only a sequence's last step is partial
 constexpr int kStep = 16;  // tokens per ring slot and per mma step
 
-struct DecodeArgs {
-  const void* q;
-  void* out;
-  float* lse;
-  float* part_out;  // [B*H, splits, D], only when splits > 1
-  float* part_lse;  // [B*H, splits], log2 domain
+struct DecodeArgs : DecodeIO {
   const void* k_pages;
   const void* v_pages;
-  const int32_t* indptr;
-  const int32_t* indices;
-  const int32_t* last_page_len;
   int rows_per_sequence;  // 1, or Hkv when each KV head has its own table row (Quest)
-  int num_heads, num_kv_heads, group, head_chunks, log2_page, num_splits;
-  float scale_log2;  // scale * log2(e): the softmax runs on exp2
+  int head_chunks, num_splits;
 };
 
 // ---- the decode kernel -----------------------------------------------------------------------
@@ -311,22 +302,12 @@ void launch(const DecodeParams& p, const Plan& plan, void* workspace, cudaStream
   // Raises the shared-memory limit before the first launch on a device.
   resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem, &has_pdl);
   DecodeArgs a{};
-  a.q = p.q;
-  a.out = p.out;
-  a.lse = p.lse;
+  fill_decode_io(a, p);
   a.k_pages = p.kv.k_pages;
   a.v_pages = p.kv.v_pages;
-  a.indptr = p.kv.indptr;
-  a.indices = p.kv.indices;
-  a.last_page_len = p.kv.last_page_len;
   a.rows_per_sequence = p.kv.rows_per_sequence;
-  a.num_heads = p.shape.num_q_heads;
-  a.num_kv_heads = p.shape.num_kv_heads;
-  a.group = p.shape.num_q_heads / p.shape.num_kv_heads;
   a.head_chunks = plan.head_chunks;
-  a.log2_page = floor_log2(p.kv.page_size);
   a.num_splits = plan.splits;
-  a.scale_log2 = p.scale * kLog2e;
   // Neighbouring blocks are the KV heads of one token range: they read adjacent bytes of each page.
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
   launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem,

@@ -26,6 +26,21 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMinSplitTokens = 256;  // below this a split costs more in merging than it gains
 constexpr int kMaxSplits = 256;
 
+// What every paged decode kernel's argument struct starts with: queries and outputs, the split-K
+// partials (set by launch_decode_and_merge), the page table, head counts and the softmax scale.
+struct DecodeIO {
+  const void* q;
+  void* out;
+  float* lse;
+  float* part_out;  // [B*H, splits, D], only when split
+  float* part_lse;  // [B*H, splits], log2 domain
+  const int32_t* indptr;
+  const int32_t* indices;
+  const int32_t* last_page_len;
+  int num_heads, num_kv_heads, group, log2_page;
+  float scale_log2;  // scale * log2(e): the softmax runs on exp2
+};
+
 // Four floats to four elements in one 8-byte store.
 template <typename T>
 __device__ __forceinline__ void store4(T* dst, float4 v) {
@@ -303,6 +318,23 @@ inline int floor_log2(int x) {
   return r;
 }
 
+// Fills a kernel argument struct's DecodeIO from a decode's params (DecodeParams, QuantDecodeParams,
+// QuestDecodeParams); the split partials stay null.
+template <typename Params>
+void fill_decode_io(DecodeIO& io, const Params& p) {
+  io.q = p.q;
+  io.out = p.out;
+  io.lse = p.lse;
+  io.indptr = p.kv.indptr;
+  io.indices = p.kv.indices;
+  io.last_page_len = p.kv.last_page_len;
+  io.num_heads = p.shape.num_q_heads;
+  io.num_kv_heads = p.shape.num_kv_heads;
+  io.group = p.shape.num_q_heads / p.shape.num_kv_heads;
+  io.log2_page = floor_log2(p.kv.page_size);
+  io.scale_log2 = p.scale * kLog2e;
+}
+
 // The split-K planner, from host-known capacities only (so one workspace size serves every launch
 // with them): enough splits to give each resident block slot one block (never more: a second wave of
 // half-length blocks takes as long as one of full length), each split at least kMinSplitTokens and
@@ -343,7 +375,7 @@ inline size_t split_workspace_bytes(int splits, int64_t rows, int head_dim) {
 }
 
 // Launches a decode grid and, when it is split, the merge of its partials. Args is the kernel's
-// argument struct: q, out, lse, num_splits, and part_out / part_lse (set here from the workspace).
+// argument struct: a DecodeIO (part_out / part_lse set here from the workspace) with num_splits.
 template <typename Args>
 void launch_decode_and_merge(void (*kernel)(Args), MergeLauncher merge, Args a, dim3 grid,
                              size_t smem, int64_t rows, int head_dim, void* workspace, bool has_pdl,

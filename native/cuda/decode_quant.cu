@@ -20,12 +20,7 @@ namespace {
 
 constexpr int kHeads = 8;  // query heads per block of the small-page kernel
 
-struct QuantDecodeArgs {
-  const void* q;
-  void* out;
-  float* lse;
-  float* part_out;  // [B*H, splits, D]
-  float* part_lse;  // [B*H, splits], log2 domain
+struct QuantDecodeArgs : DecodeIO {
   const uint8_t* k_codes;
   const uint8_t* v_codes;
   const __half* k_scale;
@@ -34,13 +29,9 @@ struct QuantDecodeArgs {
   const __half* v_min;
   const void* k_tail;
   const void* v_tail;
-  const int32_t* indptr;
-  const int32_t* indices;
-  const int32_t* last_page_len;
-  int num_heads, num_kv_heads, group, head_chunks, log2_page, num_splits;
+  int head_chunks, num_splits;
   int pages_per_split;  // small-page kernel only (the main kernel derives whole tiles per split)
   int value_groups, log2_group;
-  float scale_log2;
 };
 
 // NB bytes (1, 2, 4, 8 or 16) at an NB-aligned address, as 64 bits (the first 8 bytes) + 64 more.
@@ -1172,9 +1163,7 @@ void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, 
   bool has_pdl = false;
   resident_blocks(reinterpret_cast<const void*>(plan.k.decode), plan.k.smem, &has_pdl);
   QuantDecodeArgs a{};
-  a.q = p.q;
-  a.out = p.out;
-  a.lse = p.lse;
+  fill_decode_io(a, p);
   a.k_codes = static_cast<const uint8_t*>(p.quant.k_codes);
   a.v_codes = static_cast<const uint8_t*>(p.quant.v_codes);
   a.k_scale = reinterpret_cast<const __half*>(p.quant.k_scale);
@@ -1183,19 +1172,11 @@ void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, 
   a.v_min = reinterpret_cast<const __half*>(p.quant.v_min);
   a.k_tail = p.kv.k_pages;
   a.v_tail = p.kv.v_pages;
-  a.indptr = p.kv.indptr;
-  a.indices = p.kv.indices;
-  a.last_page_len = p.kv.last_page_len;
-  a.num_heads = p.shape.num_q_heads;
-  a.num_kv_heads = p.shape.num_kv_heads;
-  a.group = p.shape.num_q_heads / p.shape.num_kv_heads;
   a.head_chunks = plan.head_chunks;
-  a.log2_page = floor_log2(p.kv.page_size);
   a.num_splits = plan.splits;
   a.pages_per_split = plan.pages_per_split;
   a.value_groups = p.quant.format == QuantFormat::FP8E4M3 ? 1 : p.quant.groups();
   a.log2_group = floor_log2(p.quant.group_size);
-  a.scale_log2 = p.scale * kLog2e;
   const dim3 grid(p.shape.num_kv_heads * plan.head_chunks, plan.splits, p.batch);
   launch_decode_and_merge(plan.k.decode, plan.k.merge, a, grid, plan.k.smem, int64_t(p.batch) * p.shape.num_q_heads,
                           p.shape.head_dim, workspace, has_pdl, stream, "quantized decode");

@@ -35,24 +35,15 @@ constexpr int kMaxCandidates = 8192;
 // the merge and repeats the selection (measured at 32K tokens, B=1: 16 beat 8, 24 and 33).
 constexpr int kMaxAutoSplits = 16;
 
-struct QuestDecodeArgs {
-  const void* q;
-  void* out;
-  float* lse;
+struct QuestDecodeArgs : DecodeIO {
   const void* k_pages;
   const void* v_pages;
   const void* meta;
-  const int32_t* indptr;
-  const int32_t* indices;
-  const int32_t* last_page_len;
   uint2* candidates;    // [rows][candidate_stride]: (order key, page id) of each row's candidates
   uint2* slice_ranges;  // [rows][splits]: the (lowest, highest) key of each split's slice
-  float* part_out;      // [B*H][splits][D], splits > 1
-  float* part_lse;      // [B*H][splits], log2 domain
   unsigned* counters;   // [rows][2]: splits done bounding, splits done decoding; zero between launches
   int candidate_stride;
-  int num_heads, num_kv_heads, group, log2_page, budget;
-  float scale_log2;
+  int budget;
 };
 
 // What the phases keep in shared memory besides their arrays.
@@ -416,27 +407,17 @@ void launch_quest_decode(const QuestDecodeParams& p, void* workspace, unsigned* 
   const WorkspaceParts parts = workspace_parts(p, plan);
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   QuestDecodeArgs a{};
-  a.q = p.q;
-  a.out = p.out;
-  a.lse = p.lse;
+  fill_decode_io(a, p);
   a.k_pages = p.kv.k_pages;
   a.v_pages = p.kv.v_pages;
   a.meta = p.meta;
-  a.indptr = p.kv.indptr;
-  a.indices = p.kv.indices;
-  a.last_page_len = p.kv.last_page_len;
   a.part_out = reinterpret_cast<float*>(ws);
   a.part_lse = a.part_out + static_cast<int64_t>(p.batch) * p.shape.num_q_heads * plan.splits * p.shape.head_dim;
   a.candidates = reinterpret_cast<uint2*>(ws + parts.partials);
   a.slice_ranges = reinterpret_cast<uint2*>(ws + parts.partials + parts.candidates);
   a.counters = counters;
   a.candidate_stride = plan.candidate_stride;
-  a.num_heads = p.shape.num_q_heads;
-  a.num_kv_heads = p.shape.num_kv_heads;
-  a.group = p.shape.num_q_heads / p.shape.num_kv_heads;
-  a.log2_page = floor_log2(p.kv.page_size);
   a.budget = p.budget;
-  a.scale_log2 = p.scale * kLog2e;
   const dim3 grid(plan.splits, p.shape.num_kv_heads, p.batch);
   launch_programmatic(plan.kernel, grid, dim3(kThreads), plan.smem, has_pdl, stream, a);
   check_launch("quest_decode_kernel");
