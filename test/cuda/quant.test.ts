@@ -57,6 +57,25 @@ describe('quantizePages / dequantizePages on CUDA', () => {
   }
 });
 
+// The CUDA decode against the CPU reference over the same dtype-rounded inputs (so the CPU's quantized
+// pages are the GPU's byte for byte).
+async function expectDecodeMatches(lens: number[], pageSize: number, kvHeads: number, heads: number, dim: number, random: () => number,
+                                   opts: { format: QuantizedKVPages['format']; groupSize: number; dtype: 'bf16' | 'f16' }) {
+  const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+  const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { ...opts, device }, cache);
+  const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { ...opts, device: 'cpu' }, cache);
+  const qData = normal(lens.length * heads * dim, random);
+  using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype: opts.dtype, device });
+  using qc = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype: opts.dtype });
+  const got = ops.quantizedPagedDecodeAttention(q, gpu.quant, gpu, gpu.table, { returnLse: true });
+  const want = ops.quantizedPagedDecodeAttention(qc, cpu.quant, cpu, cpu.table, { returnLse: true });
+  expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array), 'out').toBeLessThan(2e-2);
+  expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array), 'lse').toBeLessThan(1e-3);
+  for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
+  gpu.dispose();
+  cpu.dispose();
+}
+
 describe('quantizedPagedDecodeAttention on CUDA', () => {
   const layouts = [
     { pageSize: 1, lens: [1, 5, 33] },
@@ -72,28 +91,20 @@ describe('quantizedPagedDecodeAttention on CUDA', () => {
         const dtype = (li + dim) % 2 ? 'f16' : 'bf16';
         const groupSize = format === 'fp8e4m3' ? 32 : [32, 64][li % 2]!;
         it(`${format} P=${pageSize} D=${dim} H/Hkv=${ratio} ${dtype} G=${groupSize}: matches the CPU reference`, async () => {
-          const random = rng(seed++);
-          const kvHeads = 2, heads = kvHeads * ratio;
-          const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
-          // The CPU reference sees the same dtype-rounded inputs, so its quantized pages are the GPU's byte for byte.
-          const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device }, cache);
-          const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize, dtype, device: 'cpu' }, cache);
-          const qData = normal(lens.length * heads * dim, random);
-          using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype, device });
-          using qc = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype });
-          const got = ops.quantizedPagedDecodeAttention(q, gpu.quant, gpu, gpu.table, { returnLse: true });
-          const want = ops.quantizedPagedDecodeAttention(qc, cpu.quant, cpu, cpu.table, { returnLse: true });
-          expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array), 'out').toBeLessThan(2e-2);
-          expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array), 'lse').toBeLessThan(1e-3);
-          for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
-          gpu.dispose();
-          cpu.dispose();
+          await expectDecodeMatches(lens, pageSize, 2, 2 * ratio, dim, rng(seed++), { format, groupSize, dtype });
         });
       }
     }
   }
+  // A batch whose B x Hkv fills two blocks per SM (up to 160 SMs) takes two KV heads per int4 block.
+  for (const dtype of ['bf16', 'f16'] as const) {
+    it(`int4 P=16 D=128 H/Hkv=32/8 ${dtype} with B x Hkv = 320 (two KV heads a block): matches the CPU reference`, async () => {
+      const random = rng(seed++);
+      const lens = Array.from({ length: 40 }, () => 1 + Math.floor(random() * 90));
+      await expectDecodeMatches(lens, 16, 8, 32, 128, random, { format: 'int4', groupSize: 32, dtype });
+    });
+  }
 });
-
 
 describe('quantizedPagedPrefillAttention on CUDA', () => {
   // Several K/V tiles and query tiles per sequence, tails partial and full, one-page sequences, Sq < Sk.
