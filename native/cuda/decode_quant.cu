@@ -481,7 +481,9 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ, HB>::MIN_BLOCKS)
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int hsub = warp / WPH, wi = warp % WPH;  // the warp's KV head within the block, its place there
+  // The warp's KV head within the block and its place there (spelled out for one head, which keeps
+  // that kernel's address arithmetic as it was).
+  const int hsub = HB == 1 ? 0 : warp / WPH, wi = HB == 1 ? warp : warp % WPH;
   const int hk0 = blockIdx.x / a.head_chunks * HB;
   const int hk = hk0 + hsub;
   const int head0 = (blockIdx.x % a.head_chunks) * (8 * NQ);
@@ -611,16 +613,19 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ, HB>::MIN_BLOCKS)
   // q as f16 rows, read as B fragments by ldmatrix: in the key codes' order (chunk 2kk + e holds,
   // for t = 0..3, the pair key_pair (kk, e) of quarter t, each channel divided by the power of two
   // its code carries: exact) and in the plain order (integer formats: for the key mins and the tail).
-  for (int i = threadIdx.x; i < HB * 8 * NQ * D; i += kThreads) {
-    const int hs = i / (8 * NQ * D), h = i / D % (8 * NQ), pos = i % D;
-    const int c = pos / 8, el = pos % 8, kk = c / 2, e = c % 2, tt = el / 2;
-    const int ch = tt * (D / 4) + (el & 1 ? G::hi(kk, e) : G::lo(kk, e));
-    const T* row = static_cast<const T*>(a.q) + (static_cast<int64_t>(b) * a.num_heads + (hk0 + hs) * a.group + head0 + h) * D;
-    const bool valid = h < nheads;
+#pragma unroll
+  for (int hs = 0; hs < HB; ++hs) {
     unsigned char* qh = q_base + hs * G::Q_BYTES;
-    reinterpret_cast<__half*>(qh + h * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[ch]) / G::mult(kk, e) : 0.f);
-    if constexpr (!FP8) {
-      reinterpret_cast<__half*>(qh + (8 * NQ + h) * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[pos]) : 0.f);
+    for (int i = threadIdx.x; i < 8 * NQ * D; i += kThreads) {
+      const int h = i / D, pos = i % D;
+      const int c = pos / 8, el = pos % 8, kk = c / 2, e = c % 2, tt = el / 2;
+      const int ch = tt * (D / 4) + (el & 1 ? G::hi(kk, e) : G::lo(kk, e));
+      const T* row = static_cast<const T*>(a.q) + (static_cast<int64_t>(b) * a.num_heads + (hk0 + hs) * a.group + head0 + h) * D;
+      const bool valid = h < nheads;
+      reinterpret_cast<__half*>(qh + h * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[ch]) / G::mult(kk, e) : 0.f);
+      if constexpr (!FP8) {
+        reinterpret_cast<__half*>(qh + (8 * NQ + h) * G::QROW)[pos] = __float2half_rn(valid ? to_float(row[pos]) : 0.f);
+      }
     }
   }
   __syncthreads();
