@@ -127,8 +127,6 @@ Napi::Value paged_decode(const Napi::CallbackInfo& info) {
   DecodeParams p;
   p.dtype = q.dtype();
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
-  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
-           " rows (one per sequence of the page table) for q but received ", q.size(0));
   KV_CHECK(in.table->rows_per_sequence == 1 || in.table->rows_per_sequence == in.k_pages.size(2), Shape,
            "Expected a table with one row per sequence or per KV head (", in.k_pages.size(2), ") but received ",
            in.table->rows_per_sequence, " rows per sequence");
@@ -150,8 +148,6 @@ Napi::Value quest_decode(const Napi::CallbackInfo& info) {
   QuestDecodeParams p;
   p.dtype = q.dtype();
   p.shape = check_heads(q, in.k_pages.size(2), in.k_pages.size(3), "kPages");
-  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
-           " rows (one per sequence of the page table) for q but received ", q.size(0));
   p.budget = static_cast<int>(get_int(info[5], "budgetPages", 1, INT32_MAX));
   p.scale = get_scale(info[6]);
   const QueryOutputs o = bind_decode_queries(p, q, *in.table, get_bool(info[7], "returnLse"));

@@ -50,10 +50,11 @@ QueryOutputs bind_queries(Params& p, const Tensor& q, const HostInts& cu_q, bool
   return o;
 }
 
-// The query side both decodes share (one query row per sequence of the table): the output (and lse)
-// tensors and the params fields pointing at them, batch and max_pages_per_seq from the table.
+// The query side the decodes share (one query row per sequence of the table, checked): the output
+// (and lse) tensors and the params fields pointing at them, batch and max_pages_per_seq from the table.
 template <typename Params>
 QueryOutputs bind_decode_queries(Params& p, const Tensor& q, const StagedPageTable& table, bool return_lse) {
+  table.check_query_rows(q);
   QueryOutputs o;
   o.out = empty(q.shape(), q.dtype(), q.device());
   o.lse = lse_tensor(return_lse, q.size(0), p.shape.num_q_heads, q.device());

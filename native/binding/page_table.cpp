@@ -19,6 +19,11 @@ Tensor PageTableHandle::upload(const std::vector<int32_t>& values, const Device&
   return t;
 }
 
+void StagedPageTable::check_query_rows(const Tensor& q) const {
+  KV_CHECK(q.size(0) == batch, Shape, "Expected ", batch, " rows (one per sequence of the page table) for q but received ",
+           q.size(0));
+}
+
 PagedKV StagedPageTable::bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const {
   if (max_index >= num_pages) {
     const auto it = std::find_if(indices.begin(), indices.end(), [&](int32_t i) { return i >= num_pages; });

@@ -34,6 +34,8 @@ struct StagedPageTable {
   // The PagedKV view over a pool of `num_pages` pages of `page_size` tokens; throws E_RANGE if an
   // index or a last-page length does not fit that pool.
   PagedKV bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const;
+  // Throws E_SHAPE unless `q` has one row per sequence of the table (decode queries).
+  void check_query_rows(const Tensor& q) const;
 };
 
 class PageTableHandle : public Napi::ObjectWrap<PageTableHandle> {

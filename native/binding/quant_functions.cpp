@@ -233,8 +233,6 @@ Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
   const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedDecode");
-  KV_CHECK(q.size(0) == in.table->batch, Shape, "Expected ", in.table->batch,
-           " rows (one per sequence of the page table) for q but received ", q.size(0));
   QuantDecodeParams p;
   p.dtype = q.dtype();
   p.shape = in.shape;

@@ -89,8 +89,7 @@ Napi::Value quest_scores(const Napi::CallbackInfo& info) {
            dtype_name(k_pages.dtype()), " on ", k_pages.device().name(), " like kPages but received ", q.describe());
   const Tensor& meta = check_quest_meta(info[2], k_pages);
   auto table = dense_table(info[3], q.device());
-  KV_CHECK(q.size(0) == table->batch, Shape, "Expected ", table->batch,
-           " rows (one per sequence of the page table) for q but received ", q.size(0));
+  table->check_query_rows(q);
   const int64_t kv_heads = k_pages.size(2);
   const int64_t dim = q.size(2);
   KV_CHECK(!q.device().is_cuda() || dim == 64 || dim == 128 || dim == 256, Unsupported,

@@ -221,6 +221,7 @@ describe('Quest decode in one op (CPU reference)', () => {
     expect(() => ops.questDecodeAttention(q, pool, meta, selected, 2)).toThrow(expect.objectContaining({ code: 'E_RANGE' }));
     using q3 = Tensor.zeros([3, 4, 8]);
     expect(() => ops.questDecodeAttention(q3, pool, meta, cache, 2)).toThrow(expect.objectContaining({ code: 'E_SHAPE' }));
+    expect(() => ops.questScores(q3, kPages, meta, cache)).toThrow('Expected 2 rows (one per sequence of the page table) for q but received 3');
     kPages.dispose();
     vPages.dispose();
   });
