@@ -1,8 +1,10 @@
 // Quest ops: page metadata, page scores, and top-k page selection into per-KV-head tables.
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "../core/backend.h"
+#include "../core/quest_steps.h"
 #include "args.h"
 #include "exports.h"
 #include "page_table.h"
@@ -127,15 +129,10 @@ Napi::Value topk_pages(const Napi::CallbackInfo& info) {
   selected->rows_per_sequence = kv_heads;
   selected->max_index = table->max_index;
   selected->max_last_page_len = table->max_last_page_len;
-  selected->indptr.push_back(0);
-  for (int b = 0; b < table->batch; ++b) {
-    const int n = std::min(table->indptr[b + 1] - table->indptr[b], budget);
-    for (int h = 0; h < kv_heads; ++h) {
-      selected->indptr.push_back(selected->indptr.back() + n);
-      selected->last_page_len.push_back(table->last_page_len[b]);
-    }
-    selected->max_pages = std::max(selected->max_pages, n);
-  }
+  SelectionRows sel = selection_rows(table->indptr.data(), table->last_page_len.data(), table->batch, kv_heads, budget);
+  selected->indptr = std::move(sel.indptr);
+  selected->last_page_len = std::move(sel.last_page_len);
+  selected->max_pages = sel.max_pages;
   // The op writes the selection's arrays on the device; the host copies above serve the checks.
   const Device device = table->device;
   const int64_t rows = static_cast<int64_t>(table->batch) * kv_heads;

@@ -5,6 +5,21 @@
 
 namespace kvflash {
 
+SelectionRows selection_rows(const int32_t* indptr, const int32_t* last_page_len, int batch, int kv_heads,
+                             int budget) {
+  SelectionRows rows;
+  rows.indptr.push_back(0);
+  for (int b = 0; b < batch; ++b) {
+    const int n = std::min(indptr[b + 1] - indptr[b], budget);
+    for (int h = 0; h < kv_heads; ++h) {
+      rows.indptr.push_back(rows.indptr.back() + n);
+      rows.last_page_len.push_back(last_page_len[b]);
+    }
+    rows.max_pages = std::max(rows.max_pages, n);
+  }
+  return rows;
+}
+
 void quest_decode_in_steps(Backend& backend, const Device& device, const QuestDecodeParams& p) {
   if (p.batch == 0) return;
   const int kv_heads = p.shape.num_kv_heads;
@@ -22,18 +37,10 @@ void quest_decode_in_steps(Backend& backend, const Device& device, const QuestDe
   s.scores = scores.data_as<float>();
   backend.quest_scores(device, s);
 
-  // The selection's table: row b * Hkv + h holds min(pages of b, budget) pages.
-  std::vector<int32_t> indptr{0}, last;
-  for (int b = 0; b < p.batch; ++b) {
-    const int n = std::min(p.kv.indptr_host[b + 1] - p.kv.indptr_host[b], p.budget);
-    for (int h = 0; h < kv_heads; ++h) {
-      indptr.push_back(indptr.back() + n);
-      last.push_back(p.kv.last_page_len_host[b]);
-    }
-  }
+  const SelectionRows sel = selection_rows(p.kv.indptr_host, p.kv.last_page_len_host, p.batch, kv_heads, p.budget);
   const int64_t rows = static_cast<int64_t>(p.batch) * kv_heads;
   const Tensor sel_indptr = empty({rows + 1}, DType::I32, device);
-  const Tensor sel_indices = empty({indptr.back()}, DType::I32, device);
+  const Tensor sel_indices = empty({sel.indptr.back()}, DType::I32, device);
   const Tensor sel_last = empty({rows}, DType::I32, device);
   TopkPagesParams t;
   t.batch = p.batch;
@@ -52,7 +59,7 @@ void quest_decode_in_steps(Backend& backend, const Device& device, const QuestDe
   d.shape = p.shape;
   d.scale = p.scale;
   d.batch = p.batch;
-  d.max_pages_per_seq = std::min(p.max_pages_per_seq, p.budget);
+  d.max_pages_per_seq = sel.max_pages;
   d.q = p.q;
   d.out = p.out;
   d.lse = p.lse;
@@ -62,8 +69,8 @@ void quest_decode_in_steps(Backend& backend, const Device& device, const QuestDe
   d.kv.indices = t.out_indices;
   d.kv.last_page_len = t.out_last_page_len;
   // Host copies: the lengths are known here; the chosen pages only where the device is the host.
-  d.kv.indptr_host = indptr.data();
-  d.kv.last_page_len_host = last.data();
+  d.kv.indptr_host = sel.indptr.data();
+  d.kv.last_page_len_host = sel.last_page_len.data();
   d.kv.indices_host = device.is_cuda() ? nullptr : t.out_indices;
   backend.paged_decode(device, d);
 }
