@@ -359,7 +359,10 @@ using MergeLauncher = void (*)(const float* part_out, const float* part_lse, voi
                                int splits, int head_dim, bool has_pdl, cudaStream_t stream);
 
 // Launches the split merge over `rows` (sequence, query head) rows; with PDL its launch latency hides
-// behind the decode grid's tail.
+// behind the decode grid's tail. A merge by the last split of each row instead (a counter per row,
+// as the fused Quest decode does) measured slower on the H100: 55.9 against 54.7 us at B = 1, L =
+// 32768, and 3-7% on the quantized decodes there; the grid's end wakes the waiting merge sooner
+// than a counter round trip does.
 template <typename T>
 void launch_merge(const float* part_out, const float* part_lse, void* out, float* lse, int64_t rows, int splits,
                   int head_dim, bool has_pdl, cudaStream_t stream) {

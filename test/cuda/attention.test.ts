@@ -16,6 +16,15 @@ async function pair(data: Float32Array, shape: number[], dtype: GpuDType): Promi
   return [gpu, Tensor.fromArray(rounded, shape)];
 }
 
+/** A random paged cache as GPU pages of `dtype` and as the exact f32 CPU pages of the rounded values. */
+async function pagedPair(lens: number[], pageSize: number, kvHeads: number, dim: number, dtype: GpuDType, random: () => number) {
+  const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+  const poolShape = [cache.numPages, pageSize, kvHeads, dim];
+  const [kPages, kPagesC] = await pair(cache.kPages, poolShape, dtype);
+  const [vPages, vPagesC] = await pair(cache.vPages, poolShape, dtype);
+  return { cache, gpuPages: { kPages, vPages }, cpuPages: { kPages: kPagesC, vPages: vPagesC }, pages: [kPages, vPages, kPagesC, vPagesC] };
+}
+
 function disposeAll(...tensors: (Tensor | undefined)[]): void {
   for (const t of tensors) t?.dispose();
 }
@@ -143,11 +152,7 @@ describe('paged attention on CUDA', () => {
       it(`P=${pageSize} D=${dim} H/Hkv=${ratio} ${dtype}: decode and paged prefill match the reference`, async () => {
         const random = rng(seed++);
         const heads = 8, kvHeads = 8 / ratio;
-        const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
-        const poolShape = [cache.numPages, pageSize, kvHeads, dim];
-        const [kPages, kPagesC] = await pair(cache.kPages, poolShape, dtype);
-        const [vPages, vPagesC] = await pair(cache.vPages, poolShape, dtype);
-        const gpuPages = { kPages, vPages }, cpuPages = { kPages: kPagesC, vPages: vPagesC };
+        const { cache, gpuPages, cpuPages, pages } = await pagedPair(lens, pageSize, kvHeads, dim, dtype, random);
 
         const [q, qc] = await pair(normal(lens.length * heads * dim, random), [lens.length, heads, dim], dtype);
         const gpu = ops.pagedDecodeAttention(q, gpuPages, cache, { returnLse: true });
@@ -170,9 +175,39 @@ describe('paged attention on CUDA', () => {
         const ragged = ops.prefillAttention(pq, k, v, { cuSeqlensQ, cuSeqlensK: offsets(lens), returnLse: true });
         await expectClose(pg.out, ragged.out, 2e-2, 'paged vs ragged out');
         await expectClose(pg.lse!, ragged.lse!, 1e-3, 'paged vs ragged lse');
-        disposeAll(kPages, vPages, kPagesC, vPagesC, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse, k, v, ragged.out, ragged.lse);
+        disposeAll(...pages, q, qc, gpu.out, gpu.lse, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse, k, v, ragged.out, ragged.lse);
       });
     }
+  }
+
+  // The decode takes GQA groups in tiles of 16 heads: one tile (groups up to 16), two (17-32), four
+  // (33-64), and blocks of 64 heads beyond; each bucket at a length that splits and one that does not.
+  const groups = [3, 12, 16, 17, 24, 32, 33, 48, 64, 65, 96];
+  for (const [gi, group] of groups.entries()) {
+    const dim = DIMS[gi % 3]!;
+    const dtype: GpuDType = gi % 2 ? 'f16' : 'bf16';
+    it(`H/Hkv=${group} D=${dim} ${dtype}: decode (split and not) and paged prefill match the reference`, async () => {
+      const random = rng(400 + gi);
+      const [kvHeads, pageSize] = [2, 16];
+      const heads = kvHeads * group;
+      const lens = [1, 17, 300, 2500];
+      const { cache, gpuPages, cpuPages, pages } = await pagedPair(lens, pageSize, kvHeads, dim, dtype, random);
+      const [q, qc] = await pair(normal(lens.length * heads * dim, random), [lens.length, heads, dim], dtype);
+      const cpu = ops.pagedDecodeAttention(qc, cpuPages, cache, { returnLse: true });
+      for (const splits of [undefined, 1, 5]) {
+        const gpu = ops.pagedDecodeAttention(q, gpuPages, cache, { returnLse: true, splits });
+        await expectClose(gpu.out, cpu.out, 2e-2, `decode out, splits ${splits ?? 'auto'}`);
+        await expectClose(gpu.lse!, cpu.lse!, 1e-3, `decode lse, splits ${splits ?? 'auto'}`);
+        disposeAll(gpu.out, gpu.lse);
+      }
+      const cuSeqlensQ = offsets([1, 3, 2, 1]);
+      const [pq, pqc] = await pair(normal(7 * heads * dim, random), [7, heads, dim], dtype);
+      const pg = ops.pagedPrefillAttention(pq, gpuPages, cache, { cuSeqlensQ, returnLse: true });
+      const pc = ops.pagedPrefillAttention(pqc, cpuPages, cache, { cuSeqlensQ, returnLse: true });
+      await expectClose(pg.out, pc.out, 2e-2, 'paged prefill out');
+      await expectClose(pg.lse!, pc.lse!, 1e-3, 'paged prefill lse');
+      disposeAll(...pages, q, qc, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse);
+    });
   }
 
   it('splits a long sequence across blocks and agrees with the unsplit batch', async () => {

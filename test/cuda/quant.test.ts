@@ -96,6 +96,15 @@ describe('quantizedPagedDecodeAttention on CUDA', () => {
       }
     }
   }
+  // Groups past one block's head tiles (8 heads, or 16 up to D = 128) take several blocks per KV
+  // head, the last one partial; 3000 tokens of a batch of 4 split.
+  for (const [gi, group] of [12, 24, 40].entries()) {
+    const format = FORMATS[gi % FORMATS.length]!;
+    const dim = [64, 128, 256][gi]!;
+    it(`${format} P=16 D=${dim} H/Hkv=${group} (several head blocks per KV head): matches the CPU reference`, async () => {
+      await expectDecodeMatches([1, 17, 300, 3000], 16, 2, 2 * group, dim, rng(seed++), { format, groupSize: 32, dtype: 'bf16' });
+    });
+  }
   // A batch whose B x Hkv fills two blocks per SM (up to 160 SMs) takes two KV heads per int4 block.
   for (const dtype of ['bf16', 'f16'] as const) {
     it(`int4 P=16 D=128 H/Hkv=32/8 ${dtype} with B x Hkv = 320 (two KV heads a block): matches the CPU reference`, async () => {
