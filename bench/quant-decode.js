@@ -5,6 +5,7 @@
 //   speedup, bytesPerToken, byteRatio, efficiency } } }] }, where bytesPerToken counts codes and
 // statistics of K and V over all KV heads of one layer, byteRatio = bf16 bytes / format bytes (the
 // speedup a kernel running at the bf16 decode's bandwidth would reach) and efficiency = speedup / byteRatio.
+// `--group-size N` (32 by default; 64 and 128 allowed) sets the integer formats' value group size.
 'use strict';
 const fs = require('node:fs');
 const path = require('node:path');
@@ -16,6 +17,8 @@ const shapes = JSON.parse(fs.readFileSync(path.join(__dirname, 'shapes.json'), '
 const { heads, kvHeads, headDim, pageSize } = shapes;
 const device = 'cuda:0';
 const FORMATS = ['fp8e4m3', 'int8', 'int4', 'int2'];
+const args = process.argv.slice(2);
+const groupSize = args.includes('--group-size') ? Number(args[args.indexOf('--group-size') + 1]) : 32;
 
 const bytesOf = (tensors) => tensors.reduce((sum, t) => sum + (t ? t.numel * dtypeBytes(t.dtype) : 0), 0);
 
@@ -35,7 +38,7 @@ async function decodeShape({ name, batch, length }) {
   const allPages = Int32Array.from({ length: numPages }, (_, i) => i);
   const formats = {};
   for (const format of FORMATS) {
-    const quant = ops.createQuantizedPages(numPages, pageSize, kvHeads, headDim, { format, device });
+    const quant = ops.createQuantizedPages(numPages, pageSize, kvHeads, headDim, { format, groupSize, device });
     ops.quantizePages({ kSrc: kPages, vSrc: vPages, srcPages: allPages, dstPages: allPages }, quant);
     const time = await timeGpu(() => ops.quantizedPagedDecodeAttention(q, quant, tail, quantTable).out, { device, flush: true });
     const bytesPerToken = bytesOf([quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin]) / (numPages * pageSize);
@@ -53,7 +56,7 @@ async function main() {
   if (info.name !== 'cuda') throw new Error(`the GPU benchmark needs the CUDA backend: ${info.reason}`);
   const results = [];
   for (const shape of shapes.decode) results.push(await decodeShape(shape));
-  process.stdout.write(JSON.stringify({ device: info.device, results }) + '\n');
+  process.stdout.write(JSON.stringify({ device: info.device, groupSize, results }) + '\n');
 }
 
 main().catch((error) => {

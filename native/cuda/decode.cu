@@ -30,6 +30,11 @@ struct DecodeArgs : DecodeIO {
 // ---- the decode kernel -----------------------------------------------------------------------
 
 // Orders the threads of one slice: a warp's own, or a named barrier over the slice's warps.
+// compute-sanitizer racecheck reports hazards across the block-wide barriers of finish_block when
+// slices run different numbers of named-barrier steps (groups 17-32: two slices, a step apart). A
+// minimal probe with that pattern alone (two 64-thread slices, bar.sync 1 + slice, 7 and 6 steps,
+// then __syncthreads around a shared store and load) draws 1858 such reports; with 5 and 5 steps,
+// or __syncthreads throughout, none. So they are the tool's, not the kernel's (H100, CUDA 13).
 template <int THREADS>
 __device__ __forceinline__ void slice_sync(int slice) {
   if constexpr (THREADS == 32) {
