@@ -186,7 +186,7 @@ describe('paged attention on CUDA', () => {
   for (const [gi, group] of groups.entries()) {
     const dim = DIMS[gi % 3]!;
     const dtype: GpuDType = gi % 2 ? 'f16' : 'bf16';
-    it(`H/Hkv=${group} D=${dim} ${dtype}: decode (split and not) and paged prefill match the reference`, async () => {
+    it(`H/Hkv=${group} D=${dim} ${dtype}: decode (split and not), paged and ragged prefill match the reference`, async () => {
       const random = rng(400 + gi);
       const [kvHeads, pageSize] = [2, 16];
       const heads = kvHeads * group;
@@ -206,7 +206,12 @@ describe('paged attention on CUDA', () => {
       const pc = ops.pagedPrefillAttention(pqc, cpuPages, cache, { cuSeqlensQ, returnLse: true });
       await expectClose(pg.out, pc.out, 2e-2, 'paged prefill out');
       await expectClose(pg.lse!, pc.lse!, 1e-3, 'paged prefill lse');
-      disposeAll(...pages, q, qc, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse);
+      // The ragged kernel (the Hopper one at D = 128) over the same keys laid out contiguously.
+      const [k, v] = [cache.k, cache.v].map((x) => Tensor.fromArray(x, [x.length / (kvHeads * dim), kvHeads, dim], { dtype, device }));
+      const ragged = ops.prefillAttention(pq, k!, v!, { cuSeqlensQ, cuSeqlensK: offsets(lens), returnLse: true });
+      await expectClose(ragged.out, pc.out, 2e-2, 'ragged prefill out');
+      await expectClose(ragged.lse!, pc.lse!, 1e-3, 'ragged prefill lse');
+      disposeAll(...pages, q, qc, cpu.out, cpu.lse, pq, pqc, pg.out, pg.lse, pc.out, pc.lse, k, v, ragged.out, ragged.lse);
     });
   }
 
