@@ -130,7 +130,9 @@ export function dequantizePages(src: QuantizedKVPages, pages: IntArray, dtype: '
 
 /**
  * One new token per sequence (q [B, H, D]) over its quantized pages and its full-precision last page; the
- * codes are dequantized inside the attention loop.
+ * codes are dequantized inside the attention loop. The table has a row per sequence, or a row per
+ * (sequence, KV head) as topkPages selects them (each row still ending at the sequence's tail page), so a
+ * per-head page selection decodes over quantized pages without gathering them.
  */
 export function quantizedPagedDecodeAttention(q: Tensor, quant: QuantizedKVPages, tail: TailPages, table: PageTable | StagedPageTable, opts: DecodeOptions = {}): AttentionResult {
   const qh = q.handle();

@@ -75,6 +75,10 @@ Napi::Value PageTableHandle::stage(const Napi::CallbackInfo& info) {
     KV_CHECK(indices[i] >= 0, Range, "Expected indices[", i, "] >= 0 but received ", indices[i]);
     table->max_index = std::max(table->max_index, indices[i]);
   }
+  for (int b = 0; b < table->batch; ++b) {
+    for (int64_t i = indptr[b]; i + 1 < indptr[b + 1]; ++i) table->max_inner_index = std::max(table->max_inner_index, indices[i]);
+    table->max_last_index = std::max(table->max_last_index, indices[indptr[b + 1] - 1]);
+  }
   table->indptr.assign(indptr.data, indptr.data + indptr.size);
   table->indices.assign(indices.data, indices.data + indices.size);
   table->last_page_len.assign(last.data, last.data + last.size);

@@ -23,6 +23,10 @@ struct StagedPageTable {
   int rows_per_sequence = 1;     // 1, or Hkv for per-KV-head rows (see PagedKV)
   int max_pages = 0;             // most pages of one row
   int32_t max_index = -1;        // largest page index
+  // Largest index of a page that is not its row's last, and of a row's last page: over a quantized
+  // layer the former are quantized pages and the latter tail pages. A selection keeps each row's
+  // last page last, so it inherits both from the table it was selected from.
+  int32_t max_inner_index = -1, max_last_index = -1;
   int32_t max_last_page_len = 0;
 
   // Length of table row `row` (= sequence when rows_per_sequence is 1).

@@ -169,9 +169,26 @@ Napi::Value dequantize_pages(const Napi::CallbackInfo& info) {
   return r;
 }
 
+// Where a table's index first reaches `limit`: among the rows' inner pages (inner) or their last
+// pages (!inner), from the host indices; entry -1 when they are not on the host.
+struct EntryAt {
+  int64_t entry = -1;
+  int row = -1;
+};
+EntryAt entry_reaching(const StagedPageTable& table, bool inner, int32_t limit) {
+  for (int r = 0; r < table.batch * table.rows_per_sequence && !table.indices.empty(); ++r) {
+    const int32_t last = table.indptr[r + 1] - 1;
+    for (int32_t i = inner ? table.indptr[r] : last; i < (inner ? last : last + 1); ++i) {
+      if (table.indices[i] >= limit) return {i, r};
+    }
+  }
+  return {};
+}
+
 // A quantized layer at info[first .. first+7], its full-precision tail pool kTail, vTail at info[first+8],
 // info[first+9] and a staged table at info[first+10], checked against q and each other: every index but
-// the last of a sequence names a quantized page, the last a tail page. `op` names the op in messages.
+// the last of a row names a quantized page, the last a tail page. Rows are sequences, or (sequence, KV
+// head) pairs where `per_head_rows` allows (a topkPages selection). `op` names the op in messages.
 struct QuantizedKV {
   std::vector<Tensor> keep;  // the layer's tensors, alive for the call
   QuantizedPages quant;
@@ -180,7 +197,8 @@ struct QuantizedKV {
   PagedKV kv;  // the table over the tail pool
 };
 
-QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Tensor& q, const char* op) {
+QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Tensor& q, const char* op,
+                             bool per_head_rows) {
   QuantizedKV in;
   in.quant = get_quantized(info, first, &in.keep);
   const Device device = q.device();
@@ -202,22 +220,35 @@ QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Te
   const StagedPageTable& table = *in.table;
   KV_CHECK(table.device == device, Device, "Expected a page table staged on ", device.name(),
            " but received one staged on ", table.device.name());
-  KV_CHECK(table.rows_per_sequence == 1, Unsupported, "Expected a page table with one row per sequence for ", op,
-           " but received one with ", table.rows_per_sequence, " rows per sequence");
-  KV_CHECK(table.indices.size() == static_cast<size_t>(table.indptr.back()), Unsupported,
-           "Expected a page table staged from host indices for ", op,
-           " (its tail pages are checked on the host) but received one selected on the device");
+  if (per_head_rows) {
+    KV_CHECK(table.rows_per_sequence == 1 || table.rows_per_sequence == Hkv, Shape,
+             "Expected a table with one row per sequence or per KV head (", Hkv, ") for ", op, " but received ",
+             table.rows_per_sequence, " rows per sequence");
+  } else {
+    KV_CHECK(table.rows_per_sequence == 1, Unsupported, "Expected a page table with one row per sequence for ", op,
+             " but received one with ", table.rows_per_sequence, " rows per sequence");
+  }
   const int64_t num_tail = k_tail.size(0);
-  for (int b = 0; b < table.batch; ++b) {
-    const int32_t last = table.indptr[b + 1] - 1;
-    for (int32_t i = table.indptr[b]; i < last; ++i) {
-      KV_CHECK(table.indices[i] < in.quant.num_pages, Range, "Expected indices[", i, "] in [0, ", in.quant.num_pages,
-               ") (the quantized pages of kCodes) but received ", table.indices[i]);
-    }
-    KV_CHECK(table.indices[last] < num_tail, Range, "Expected indices[", last, "] (the last page of sequence ", b,
-             ") in [0, ", num_tail, ") (the full-precision pages of kTail) but received ", table.indices[last]);
-    KV_CHECK(table.last_page_len[b] <= P, Range, "Expected lastPageLen[", b, "] in [1, ", P, "] but received ",
-             table.last_page_len[b]);
+  const auto indices_at = [&](const EntryAt& at) {
+    return at.entry >= 0 ? "indices[" + std::to_string(at.entry) + "]" : std::string("indices");
+  };
+  if (table.max_inner_index >= in.quant.num_pages) {
+    const EntryAt at = entry_reaching(table, true, static_cast<int32_t>(in.quant.num_pages));
+    fail(ErrorCode::Range, "Expected ", indices_at(at), " in [0, ", in.quant.num_pages,
+         ") (the quantized pages of kCodes) but received ", at.entry >= 0 ? table.indices[at.entry] : table.max_inner_index);
+  }
+  if (table.max_last_index >= num_tail) {
+    const EntryAt at = entry_reaching(table, false, static_cast<int32_t>(num_tail));
+    const std::string whose = at.entry < 0 ? "of a row's last page"
+                              : table.rows_per_sequence == 1 ? "(the last page of sequence " + std::to_string(at.row) + ")"
+                                                             : "(the last page of row " + std::to_string(at.row) + ")";
+    fail(ErrorCode::Range, "Expected ", indices_at(at), " ", whose, " in [0, ", num_tail,
+         ") (the full-precision pages of kTail) but received ", at.entry >= 0 ? table.indices[at.entry] : table.max_last_index);
+  }
+  if (table.max_last_page_len > P) {
+    const auto it = std::find_if(table.last_page_len.begin(), table.last_page_len.end(), [&](int32_t l) { return l > P; });
+    fail(ErrorCode::Range, "Expected lastPageLen[", it - table.last_page_len.begin(), "] in [1, ", P,
+         "] but received ", *it);
   }
   in.kv = table.view();
   in.kv.k_pages = k_tail.data();
@@ -232,7 +263,7 @@ QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Te
 Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
-  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedDecode");
+  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedDecode", true);
   QuantDecodeParams p;
   p.dtype = q.dtype();
   p.shape = in.shape;
@@ -249,7 +280,7 @@ Napi::Value quantized_paged_decode(const Napi::CallbackInfo& info) {
 Napi::Value quantized_paged_prefill(const Napi::CallbackInfo& info) {
   const Tensor& q = get_tensor(info[0], "q", 3);
   check_float_input(q, "q");
-  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedPrefill");
+  const QuantizedKV in = get_quantized_kv(info, 1, q, "quantizedPagedPrefill", false);
   QuantPrefillParams p;
   p.dtype = q.dtype();
   p.shape = in.shape;

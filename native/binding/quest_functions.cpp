@@ -128,6 +128,8 @@ Napi::Value topk_pages(const Napi::CallbackInfo& info) {
   selected->batch = table->batch;
   selected->rows_per_sequence = kv_heads;
   selected->max_index = table->max_index;
+  selected->max_inner_index = table->max_inner_index;
+  selected->max_last_index = table->max_last_index;
   selected->max_last_page_len = table->max_last_page_len;
   SelectionRows sel = selection_rows(table->indptr.data(), table->last_page_len.data(), table->batch, kv_heads, budget);
   selected->indptr = std::move(sel.indptr);

@@ -178,27 +178,29 @@ void quantized_paged_decode(const QuantDecodeParams& p) {
   const int group = H / Hkv;
   std::vector<float> row(D), query(int64_t(group) * D), acc(int64_t(group) * D);
   for (int b = 0; b < p.batch; ++b) {
-    const int begin = p.kv.indptr_host[b];
-    const int npages = p.kv.indptr_host[b + 1] - begin;
-    const int len = npages > 0 ? (npages - 1) * P + p.kv.last_page_len_host[b] : 0;
-    // Row j of head hk into `row`: a quantized page, or the tail pool for the last page.
-    auto load_row = [&](bool keys, int j, int hk) {
-      const int page_idx = j / P, slot = j % P;
-      const int64_t page = p.kv.indices_host[begin + page_idx];
-      if (page_idx == npages - 1) {
-        const void* pool = keys ? p.kv.k_pages : p.kv.v_pages;
-        for (int d = 0; d < D; ++d) row[d] = load_float(p.dtype, pool, ((page * P + slot) * Hkv + hk) * D + d);
-      } else {
-        for (int d = 0; d < D; ++d) row[d] = keys ? key_at(q, page, slot, hk, d) : value_at(q, page, slot, hk, d);
-      }
-    };
     for (int hk = 0; hk < Hkv; ++hk) {
+      // The table row of (b, hk): the sequence's, or the KV head's own (a Quest selection).
+      const int table_row = p.kv.rows_per_sequence == 1 ? b : b * p.kv.rows_per_sequence + hk;
+      const int begin = p.kv.indptr_host[table_row];
+      const int npages = p.kv.indptr_host[table_row + 1] - begin;
+      const int len = npages > 0 ? (npages - 1) * P + p.kv.last_page_len_host[table_row] : 0;
+      // Row j of head hk into `row`: a quantized page, or the tail pool for the last page.
+      auto load_row = [&](bool keys, int j) {
+        const int page_idx = j / P, slot = j % P;
+        const int64_t page = p.kv.indices_host[begin + page_idx];
+        if (page_idx == npages - 1) {
+          const void* pool = keys ? p.kv.k_pages : p.kv.v_pages;
+          for (int d = 0; d < D; ++d) row[d] = load_float(p.dtype, pool, ((page * P + slot) * Hkv + hk) * D + d);
+        } else {
+          for (int d = 0; d < D; ++d) row[d] = keys ? key_at(q, page, slot, hk, d) : value_at(q, page, slot, hk, d);
+        }
+      };
       for (int g = 0; g < group; ++g)
         for (int d = 0; d < D; ++d) query[g * D + d] = load_float(p.dtype, p.q, (int64_t(b) * H + hk * group + g) * D + d);
       std::vector<float> logits(int64_t(group) * len);
       std::vector<float> max_logit(group, -std::numeric_limits<float>::infinity());
       for (int j = 0; j < len; ++j) {
-        load_row(true, j, hk);
+        load_row(true, j);
         for (int g = 0; g < group; ++g) {
           float dot = 0.0f;
           for (int d = 0; d < D; ++d) dot += query[g * D + d] * row[d];
@@ -209,7 +211,7 @@ void quantized_paged_decode(const QuantDecodeParams& p) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::vector<float> denominator(group, 0.0f);
       for (int j = 0; j < len; ++j) {
-        load_row(false, j, hk);
+        load_row(false, j);
         for (int g = 0; g < group; ++g) {
           const float w = std::exp(logits[int64_t(g) * len + j] - max_logit[g]);
           denominator[g] += w;

@@ -29,6 +29,7 @@ struct QuantDecodeArgs : DecodeIO {
   const __half* v_min;
   const void* k_tail;
   const void* v_tail;
+  int rows_per_sequence;  // 1, or Hkv when each KV head has its own table row (a Quest selection)
   int head_chunks, num_splits;
   int pages_per_split;  // small-page kernel only (the main kernel derives whole tiles per split)
   int value_groups, log2_group;
@@ -112,10 +113,11 @@ __global__ void __launch_bounds__(kThreads) quant_small_page_decode_kernel(const
   }
   __syncthreads();
 
-  const int page_begin = a.indptr[b];
-  const int npages = a.indptr[b + 1] - page_begin;
+  const int row = a.rows_per_sequence == 1 ? b : b * a.rows_per_sequence + hk;
+  const int page_begin = a.indptr[row];
+  const int npages = a.indptr[row + 1] - page_begin;
   const int page_size = 1 << a.log2_page;
-  const int len = (npages - 1) * page_size + a.last_page_len[b];
+  const int len = (npages - 1) * page_size + a.last_page_len[row];
   const int start = split * a.pages_per_split * page_size;
   const int end = min(len, start + a.pages_per_split * page_size);
   const int tail_start = (npages - 1) * page_size;
@@ -492,10 +494,12 @@ __global__ void __launch_bounds__(kThreads, Geo<D, BITS, NQ, HB>::MIN_BLOCKS)
   launch_dependents();
   const int nheads = min(8 * NQ, a.group - head0);
 
-  const int page_begin = a.indptr[b];
-  const int npages = a.indptr[b + 1] - page_begin;
+  // Per-KV-head rows come with one KV head a block (the plan never pairs heads over them).
+  const int row = a.rows_per_sequence == 1 ? b : b * a.rows_per_sequence + hk0;
+  const int page_begin = a.indptr[row];
+  const int npages = a.indptr[row + 1] - page_begin;
   const int page_size = 1 << a.log2_page;
-  const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[b] : 0;
+  const int len = npages > 0 ? (npages - 1) * page_size + a.last_page_len[row] : 0;
   const int qlen = npages > 0 ? (npages - 1) * page_size : 0;  // quantized tokens; the rest is the tail
   const int per_split = ((len + a.num_splits - 1) / a.num_splits + 63) / 64 * 64;
   const int start = split * per_split;
@@ -1163,7 +1167,8 @@ Plan make_plan(const QuantDecodeParams& p) {
   Plan plan{choose_kernel(p, false), 0, 1, 1};
   const int group = p.shape.num_q_heads / p.shape.num_kv_heads;
   plan.head_chunks = (group + plan.k.heads_per_block - 1) / plan.k.heads_per_block;
-  if (int64_t(p.batch) * p.shape.num_kv_heads * plan.head_chunks >= target_slots(plan.k)) plan.k = choose_kernel(p, true);
+  const bool pairs = p.kv.rows_per_sequence == 1;  // a pair of KV heads shares one table row
+  if (pairs && int64_t(p.batch) * p.shape.num_kv_heads * plan.head_chunks >= target_slots(plan.k)) plan.k = choose_kernel(p, true);
   const int64_t max_pages = std::max(1, p.max_pages_per_seq);
   const int64_t max_len = max_pages * p.kv.page_size;
   const int64_t base = int64_t(p.batch) * (p.shape.num_kv_heads / plan.k.kv_heads) * plan.head_chunks;
@@ -1211,6 +1216,7 @@ void launch_quantized_paged_decode(const QuantDecodeParams& p, void* workspace, 
   a.v_min = reinterpret_cast<const __half*>(p.quant.v_min);
   a.k_tail = p.kv.k_pages;
   a.v_tail = p.kv.v_pages;
+  a.rows_per_sequence = p.kv.rows_per_sequence;
   a.head_chunks = plan.head_chunks;
   a.num_splits = plan.splits;
   a.pages_per_split = plan.pages_per_split;

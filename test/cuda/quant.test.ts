@@ -115,6 +115,42 @@ describe('quantizedPagedDecodeAttention on CUDA', () => {
   }
 });
 
+describe('quantizedPagedDecodeAttention over a per-KV-head selection on CUDA', () => {
+  // Both kernels (page 16: tensor cores, page 4: CUDA cores), every format; the GPU selects the pages.
+  const cases = [
+    ['fp8e4m3', 16, 128, 8, 'bf16'], ['int8', 16, 64, 4, 'f16'], ['int4', 16, 128, 16, 'bf16'], ['int2', 16, 256, 4, 'bf16'],
+    ['int4', 4, 128, 8, 'f16'],
+  ] as const;
+  let seed = 780;
+  for (const [format, pageSize, dim, group, dtype] of cases) {
+    it(`${format} P=${pageSize} D=${dim} H/Hkv=${group} ${dtype}: matches the CPU reference`, async () => {
+      const random = rng(seed++);
+      const kvHeads = 4, heads = kvHeads * group;
+      const lens = [1, 17, 700, 3000];
+      const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+      const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize: 32, dtype, device }, cache);
+      const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, groupSize: 32, dtype, device: 'cpu' }, cache);
+      const qData = normal(lens.length * heads * dim, random);
+      using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype, device });
+      using qc = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype });
+      const scoreData = normal(cache.indices.length * kvHeads, random);
+      using scores = Tensor.fromArray(scoreData, [cache.indices.length, kvHeads], { device });
+      using scoresC = Tensor.fromArray(scoreData, [cache.indices.length, kvHeads]);
+      for (const budget of [5, 60]) {
+        using selected = ops.topkPages(scores, gpu.table, budget);
+        using selectedC = ops.topkPages(scoresC, cpu.table, budget);
+        const got = ops.quantizedPagedDecodeAttention(q, gpu.quant, gpu, selected, { returnLse: true });
+        const want = ops.quantizedPagedDecodeAttention(qc, cpu.quant, cpu, selectedC, { returnLse: true });
+        expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array), `out, budget ${budget}`).toBeLessThan(2e-2);
+        expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array), `lse, budget ${budget}`).toBeLessThan(1e-3);
+        for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
+      }
+      gpu.dispose();
+      cpu.dispose();
+    });
+  }
+});
+
 describe('quantizedPagedPrefillAttention on CUDA', () => {
   // Several K/V tiles and query tiles per sequence, tails partial and full, one-page sequences, Sq < Sk.
   const layouts = [

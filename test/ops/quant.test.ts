@@ -213,6 +213,55 @@ describe('quantizedPagedDecodeAttention (CPU reference)', () => {
   }
 });
 
+describe('quantizedPagedDecodeAttention over a per-KV-head selection (CPU reference)', () => {
+  for (const [format, pageSize, budget] of [['int4', 4, 3], ['int2', 16, 2], ['fp8e4m3', 4, 100]] as const) {
+    it(`${format} P=${pageSize} budget ${budget}: equals the per-head paged decode over the dequantized pages`, async () => {
+      const random = rng(40 + pageSize + budget);
+      const [heads, kvHeads, dim] = [8, 2, 64];
+      const lens = [1, pageSize + 1, 7 * pageSize - 3, 3 * pageSize];
+      const qc = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, dtype: 'f32', device: 'cpu' });
+      using q = Tensor.fromArray(normal(lens.length * heads * dim, random), [lens.length, heads, dim]);
+      // One selection, over the quantized layer's ids and over the dequantized pool's (tail pages after the quantized ones).
+      using scores = Tensor.fromArray(normal(qc.table.indices.length * kvHeads, random), [qc.table.indices.length, kvHeads]);
+      using selected = ops.topkPages(scores, qc.table, budget);
+      using selectedCombined = ops.topkPages(scores, qc.combinedTable, budget);
+      const got = ops.quantizedPagedDecodeAttention(q, qc.quant, qc, selected, { returnLse: true });
+      const pool = await dequantizedPool(qc);
+      const want = ops.pagedDecodeAttention(q, pool, selectedCombined, { returnLse: true });
+      expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array)).toBeLessThan(1e-5);
+      expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array)).toBeLessThan(1e-4);
+      if (budget >= Math.max(...lens)) {
+        // Every page fits the budget: the selection is the dense table.
+        const dense = ops.quantizedPagedDecodeAttention(q, qc.quant, qc, qc.table, { returnLse: true });
+        expect(await dense.out.toArray()).toEqual(await got.out.toArray());
+        dense.out.dispose();
+        dense.lse!.dispose();
+      }
+      for (const t of [got.out, got.lse, want.out, want.lse, pool.kPages, pool.vPages]) t?.dispose();
+      qc.dispose();
+    });
+  }
+
+  it('checks a selection against the layer it decodes and refuses it for the prefill', () => {
+    const random = rng(45);
+    const qc = quantizedCache([5, 9], 4, 2, 64, random, { format: 'int8', dtype: 'f32', device: 'cpu' });
+    using q = Tensor.fromArray(normal(2 * 4 * 64, random), [2, 4, 64]);
+    using scores = Tensor.fromArray(normal(qc.table.indices.length * 2, random), [qc.table.indices.length, 2]);
+    using selected = ops.topkPages(scores, qc.table, 2);
+    const small = ops.createQuantizedPages(2, 4, 2, 64, { format: 'int8' }); // the table's pages reach past it
+    expect(() => ops.quantizedPagedDecodeAttention(q, small, qc, selected)).toThrow(expect.objectContaining({ code: 'E_RANGE' }));
+    ops.disposeQuantizedPages(small);
+    using scores4 = Tensor.fromArray(normal(qc.table.indices.length * 4, random), [qc.table.indices.length, 4]);
+    using fourRows = ops.topkPages(scores4, qc.table, 2); // a row per KV head of a 4-head layer
+    expect(() => ops.quantizedPagedDecodeAttention(q, qc.quant, qc, fourRows)).toThrow(expect.objectContaining({ code: 'E_SHAPE' }));
+    using q6 = Tensor.fromArray(normal(6 * 4 * 64, random), [6, 4, 64]);
+    expect(() => ops.quantizedPagedPrefillAttention(q6, qc.quant, qc, selected, { cuSeqlensQ: [0, 2, 6] })).toThrow(
+      expect.objectContaining({ code: 'E_UNSUPPORTED' }),
+    );
+    qc.dispose();
+  });
+});
+
 describe('quantizedPagedPrefillAttention (CPU reference)', () => {
   // Odd lengths, one-token sequences, partial tails, sequences whose only page is the tail, Sq < Sk and
   // Sq = Sk, a sequence with no queries; causal, windowed and non-causal masks; GQA and not.
