@@ -72,13 +72,13 @@ export interface NativeBinding {
   appendPagedKV(k: TensorHandle, v: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle,
     batchIndices: Int32Array, positions: Int32Array, questMeta: TensorHandle | undefined): void;
   buildQuestMeta(kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): void;
-  questScores(q: TensorHandle, kPages: TensorHandle, meta: TensorHandle, table: PageTableNativeHandle): TensorHandle;
+  questScores(q: TensorHandle, kPages: TensorHandle | null, meta: TensorHandle, table: PageTableNativeHandle): TensorHandle;
   topkPages(scores: TensorHandle, table: PageTableNativeHandle, budgetPages: number): PageTableNativeHandle;
   questDecode(q: TensorHandle, kPages: TensorHandle, vPages: TensorHandle, table: PageTableNativeHandle, meta: TensorHandle,
     budgetPages: number, scale: number, returnLse: boolean, splits: number): [TensorHandle, TensorHandle | undefined];
   quantizePages(kSrc: TensorHandle, vSrc: TensorHandle, srcPages: Int32Array, dstPages: Int32Array, format: string, groupSize: number,
     kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle, kMin: TensorHandle | undefined, vScale: TensorHandle,
-    vMin: TensorHandle | undefined): void;
+    vMin: TensorHandle | undefined, questMeta: TensorHandle | undefined): void;
   dequantizePages(format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,
     kMin: TensorHandle | undefined, vScale: TensorHandle, vMin: TensorHandle | undefined, pages: Int32Array, dtype: string): [TensorHandle, TensorHandle];
   quantizedPagedDecode(q: TensorHandle, format: string, groupSize: number, kCodes: TensorHandle, vCodes: TensorHandle, kScale: TensorHandle,

@@ -109,7 +109,7 @@ export function referenceAttention(x: ReferenceInput): { out: Float64Array; lse:
         const sum = weights.reduce((a, w) => a + w, 0);
         for (let j = first; j <= last; j++) {
           const w = weights[j - first]! / sum;
-          for (let d = 0; d < dim; d++) out[qAt + d] += w * x.v[((k0 + j) * kvHeads + kh) * dim + d]!;
+          for (let d = 0; d < dim; d++) out[qAt + d]! += w * x.v[((k0 + j) * kvHeads + kh) * dim + d]!;
         }
         lse[(q0 + i) * heads + h] = logits.length ? max + Math.log(sum) : -Infinity;
       }

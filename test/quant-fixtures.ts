@@ -1,8 +1,10 @@
 // Test data for the quantized KV cache: a paged cache whose pages are all quantized, with the last
 // page of each sequence also in a full-precision tail pool, and the tables that address it.
+import { expect } from 'vitest';
+
 import { ops, Tensor } from '../lib/index';
 import type { QuantFormat, QuantizedKVPages } from '../lib/index';
-import { pagedCache, PagedCache } from './attention-fixtures';
+import { maxAbsDiff, pagedCache, PagedCache } from './attention-fixtures';
 
 export const FORMATS: QuantFormat[] = ['fp8e4m3', 'int8', 'int4', 'int2'];
 
@@ -87,6 +89,23 @@ export async function dequantizedPool(qc: QuantizedCache, dtype: 'f32' | 'bf16' 
   };
   const shape = [numPages + qc.numTail, pageSize, qc.kTail.shape[2]!, qc.kTail.shape[3]!];
   return { kPages: Tensor.fromArray(join(kq, kt), shape, { dtype }), vPages: Tensor.fromArray(join(vq, vt), shape, { dtype }) };
+}
+
+/**
+ * Expects the quantized decode (CPU) over `selected` = topkPages(scores, qc.table, budget) to equal the
+ * paged decode over the dequantized pool with the same selection (same scores, the pool's ids); returns
+ * the selection for further checks (the caller disposes it).
+ */
+export async function expectSelectedDecodeMatches(q: Tensor, qc: QuantizedCache, scores: Tensor, budget: number): Promise<ops.StagedPageTable> {
+  const selected = ops.topkPages(scores, qc.table, budget);
+  using selectedPool = ops.topkPages(scores, qc.combinedTable, budget);
+  const got = ops.quantizedPagedDecodeAttention(q, qc.quant, qc, selected, { returnLse: true });
+  const pool = await dequantizedPool(qc);
+  const want = ops.pagedDecodeAttention(q, pool, selectedPool, { returnLse: true });
+  expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array)).toBeLessThan(1e-5);
+  expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array)).toBeLessThan(1e-4);
+  for (const t of [got.out, got.lse, want.out, want.lse, pool.kPages, pool.vPages]) t?.dispose();
+  return selected;
 }
 
 /** Channel d's code of a packed row (LSB first), the JS definition. */

@@ -107,6 +107,11 @@ export interface QuantizePagesArgs {
   srcPages: IntArray;
   /** Quantized page each is written to (distinct). */
   dstPages: IntArray;
+  /**
+   * Quest metadata of the quantized layer (createQuestMeta(quant, { dtype: kSrc.dtype })): each
+   * destination page's min and max keys are recorded too, from the source keys before quantization.
+   */
+  questMeta?: Tensor;
 }
 
 /** Quantizes whole source pages into pages of `dst`, in place (every slot of each page, all P tokens). */
@@ -115,7 +120,8 @@ export function quantizePages(args: QuantizePagesArgs, dst: QuantizedKVPages): v
   const dstPages = toInt32Array(args.dstPages, 'dstPages');
   const handles = [args.kSrc.handle(), args.vSrc.handle()] as const;
   const layer = layerHandles(dst);
-  callNative(() => native().quantizePages(...handles, src, dstPages, ...layer));
+  const meta = args.questMeta?.handle();
+  callNative(() => native().quantizePages(...handles, src, dstPages, ...layer, meta));
 }
 
 /** Reconstructs pages of `src` as k, v [pages.length, P, Hkv, D] of `dtype` (default f32). For tests and tools. */

@@ -7,16 +7,29 @@
  * decode is pagedDecodeAttention over that selection. questDecodeAttention is the three as one op
  * (one kernel on the GPU).
  */
-import { callNative } from '../errors';
+import type { DType } from '../dtype';
+import { callNative, invalid } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
 import { AttentionResult, DecodeOptions, defaultScale, KVPages, wrapResult } from './attention';
 import { PageTable, StagedPageTable, withStagedTable } from './page-table';
+import { quantBits, QuantizedKVPages } from './quant';
 
-/** Metadata storage for a layer's page pool: [numPages, 2, kvHeads, headDim] in the pool's dtype. */
-export function createQuestMeta(kPages: Tensor): Tensor {
-  const [numPages, , kvHeads, headDim] = kPages.shape as [number, number, number, number];
-  return Tensor.empty([numPages, 2, kvHeads, headDim], { dtype: kPages.dtype, device: kPages.device as never });
+/**
+ * Metadata storage for a layer: [numPages, 2, kvHeads, headDim], in the pool's dtype for a page pool;
+ * for a quantized layer in `opts.dtype`, its full-precision keys' (quantizePages fills it).
+ */
+export function createQuestMeta(kPages: Tensor): Tensor;
+export function createQuestMeta(quant: QuantizedKVPages, opts: { dtype: DType }): Tensor;
+export function createQuestMeta(layer: Tensor | QuantizedKVPages, opts?: { dtype: DType }): Tensor {
+  if (layer instanceof Tensor) {
+    const [numPages, , kvHeads, headDim] = layer.shape as [number, number, number, number];
+    return Tensor.empty([numPages, 2, kvHeads, headDim], { dtype: layer.dtype, device: layer.device as never });
+  }
+  if (!opts?.dtype) throw invalid('E_DTYPE', 'opts.dtype', 'the dtype of the keys a quantized layer is made from', opts?.dtype);
+  const [numPages, , kvHeads, codeBytes] = layer.kCodes.shape as [number, number, number, number];
+  const headDim = (codeBytes * 8) / quantBits(layer.format);
+  return Tensor.empty([numPages, 2, kvHeads, headDim], { dtype: opts.dtype, device: layer.kCodes.device as never });
 }
 
 /** Computes the metadata of every page the table lists from the keys now in them. */
@@ -25,12 +38,17 @@ export function buildQuestMeta(kPages: Tensor, meta: Tensor, table: PageTable | 
   withStagedTable(table, kPages.device, (staged) => callNative(() => native().buildQuestMeta(...handles, staged)));
 }
 
-/** Upper bounds of q·k per page entry of the table and KV head: f32 [nnz, kvHeads], max over each GQA group. */
-export function questScores(q: Tensor, kPages: Tensor, meta: Tensor, table: PageTable | StagedPageTable): Tensor {
-  const handles = [q.handle(), kPages.handle(), meta.handle()] as const;
+/**
+ * Upper bounds of q·k per page entry of the table and KV head: f32 [nnz, kvHeads], max over each GQA
+ * group. Over a quantized layer (the table's rows ending at their tail page, as for
+ * quantizedPagedDecodeAttention) the tail pages have no metadata and score +Infinity; topkPages keeps
+ * them anyway.
+ */
+export function questScores(q: Tensor, layer: Tensor | QuantizedKVPages, meta: Tensor, table: PageTable | StagedPageTable): Tensor {
+  const handles = [q.handle(), layer instanceof Tensor ? layer.handle() : null, meta.handle()] as const;
   return withStagedTable(table, q.device, (staged) => {
     const scores = callNative(() => native().questScores(...handles, staged));
-    return new Tensor(scores, 'f32', [staged.entries, kPages.shape[2]!], q.device);
+    return new Tensor(scores, 'f32', [staged.entries, meta.shape[2]!], q.device);
   });
 }
 

@@ -12,6 +12,7 @@
 #include "attention_functions.h"
 #include "exports.h"
 #include "page_table.h"
+#include "quest_functions.h"
 #include "tensor_args.h"
 #include "tensor_handle.h"
 
@@ -100,7 +101,8 @@ void check_page_list(const HostInts& pages, int64_t limit, const char* name, con
   }
 }
 
-// quantizePages(kSrc, vSrc, srcPages, dstPages, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin)
+// quantizePages(kSrc, vSrc, srcPages, dstPages, format, groupSize, kCodes, vCodes, kScale, kMin, vScale, vMin,
+//               questMeta?): questMeta also gets each destination page's Quest metadata, from its source keys.
 Napi::Value quantize_pages(const Napi::CallbackInfo& info) {
   const Tensor& k_src = get_tensor(info[0], "kSrc", 4);
   const Tensor& v_src = get_tensor(info[1], "vSrc", 4);
@@ -139,7 +141,16 @@ Napi::Value quantize_pages(const Napi::CallbackInfo& info) {
   p.dst_pages = dst_dev.data_as<int32_t>();
   p.src_pages_host = src_pages.data;
   p.dst_pages_host = dst_pages.data;
+  const bool with_meta = !info[12].IsUndefined() && !info[12].IsNull();
+  const Tensor* meta = with_meta ? &check_quantized_quest_meta(info[12], p.dst.num_pages, p.dst.num_kv_heads,
+                                                                p.dst.head_dim, k_src.dtype(), device)
+                                 : nullptr;
   if (p.count > 0) backend_for(device).quantize_pages(device, p);
+  if (meta && p.count > 0) {
+    update_quest_meta(k_src, *meta, std::vector<int32_t>(src_pages.data, src_pages.data + src_pages.size),
+                      std::vector<int32_t>(static_cast<size_t>(src_pages.size), p.dst.page_size),
+                      std::vector<int32_t>(dst_pages.data, dst_pages.data + dst_pages.size));
+  }
   return info.Env().Undefined();
 }
 

@@ -24,12 +24,24 @@ const Tensor& check_quest_meta(const Napi::Value& v, const Tensor& k_pages) {
   return meta;
 }
 
+const Tensor& check_quantized_quest_meta(const Napi::Value& v, int64_t num_pages, int64_t kv_heads, int64_t head_dim,
+                                         DType dtype, const Device& device) {
+  const Tensor& meta = TensorHandle::unwrap(v, "questMeta");
+  const Shape expected = {num_pages, 2, kv_heads, head_dim};
+  KV_CHECK(meta.shape() == expected, Shape, "Expected questMeta of shape ", shape_str(expected),
+           " ([numPages, 2, kvHeads, headDim] of the quantized pages) but received ", shape_str(meta.shape()));
+  KV_CHECK(meta.dtype() == dtype && meta.device() == device, Dtype, "Expected questMeta of ", dtype_name(dtype), " on ",
+           device.name(), " (the full-precision keys') but received ", meta.describe());
+  return meta;
+}
+
 void update_quest_meta(const Tensor& k_pages, const Tensor& meta, std::vector<int32_t> pages,
-                       std::vector<int32_t> valid_len) {
+                       std::vector<int32_t> valid_len, std::vector<int32_t> meta_pages) {
   if (pages.empty()) return;
   const Device device = k_pages.device();
   const Tensor pages_dev = PageTableHandle::upload(pages, device);
   const Tensor valid_dev = PageTableHandle::upload(valid_len, device);
+  const Tensor meta_pages_dev = meta_pages.empty() ? Tensor() : PageTableHandle::upload(meta_pages, device);
   QuestMetaParams p;
   p.dtype = k_pages.dtype();
   p.num_kv_heads = static_cast<int>(k_pages.size(2));
@@ -42,6 +54,10 @@ void update_quest_meta(const Tensor& k_pages, const Tensor& meta, std::vector<in
   p.valid_len = valid_dev.data_as<int32_t>();
   p.pages_host = pages.data();
   p.valid_len_host = valid_len.data();
+  if (!meta_pages.empty()) {
+    p.meta_pages = meta_pages_dev.data_as<int32_t>();
+    p.meta_pages_host = meta_pages.data();
+  }
   backend_for(device).quest_update_meta(device, p);
 }
 
@@ -81,18 +97,23 @@ Napi::Value build_quest_meta(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// questScores(q, kPages, meta, table) -> scores [nnz, Hkv] f32
+// questScores(q, kPages, meta, table) -> scores [nnz, Hkv] f32. kPages null: a quantized layer, whose
+// meta [numPages, 2, Hkv, D] covers its quantized pages and whose rows end at a tail page.
 Napi::Value quest_scores(const Napi::CallbackInfo& info) {
   const Tensor& q = TensorHandle::unwrap(info[0], "q");
-  const Tensor& k_pages = pool_arg(info[1]);
-  KV_CHECK(q.dim() == 3 && q.size(2) == k_pages.size(3), Shape, "Expected q of shape [B, H, ", k_pages.size(3),
+  const bool quantized = info[1].IsNull() || info[1].IsUndefined();
+  const Tensor* k_pages = quantized ? nullptr : &pool_arg(info[1]);
+  const Tensor& meta = quantized ? TensorHandle::unwrap(info[2], "meta") : check_quest_meta(info[2], *k_pages);
+  check_float_input(meta, "meta");
+  KV_CHECK(meta.dim() == 4 && meta.size(1) == 2, Shape, "Expected meta of shape [numPages, 2, kvHeads, headDim] but received ",
+           meta.describe());
+  KV_CHECK(q.dim() == 3 && q.size(2) == meta.size(3), Shape, "Expected q of shape [B, H, ", meta.size(3),
            "] but received ", q.describe());
-  KV_CHECK(q.dtype() == k_pages.dtype() && q.device() == k_pages.device(), Dtype, "Expected q of ",
-           dtype_name(k_pages.dtype()), " on ", k_pages.device().name(), " like kPages but received ", q.describe());
-  const Tensor& meta = check_quest_meta(info[2], k_pages);
+  KV_CHECK(q.dtype() == meta.dtype() && q.device() == meta.device(), Dtype, "Expected q of ", dtype_name(meta.dtype()),
+           " on ", meta.device().name(), " like ", quantized ? "meta" : "kPages", " but received ", q.describe());
   auto table = dense_table(info[3], q.device());
   table->check_query_rows(q);
-  const int64_t kv_heads = k_pages.size(2);
+  const int64_t kv_heads = meta.size(2);
   const int64_t dim = q.size(2);
   KV_CHECK(!q.device().is_cuda() || dim == 64 || dim == 128 || dim == 256, Unsupported,
            "Expected head dim 64, 128 or 256 on a GPU but received ", dim);
@@ -104,7 +125,15 @@ Napi::Value quest_scores(const Napi::CallbackInfo& info) {
   p.batch = table->batch;
   p.nnz = static_cast<int>(table->indices.size());
   p.max_pages = table->max_pages;
-  p.kv = table->bind(k_pages.data(), k_pages.data(), k_pages.size(0), k_pages.size(1));
+  if (quantized) {
+    KV_CHECK(table->max_inner_index < meta.size(0), Range, "Expected the pages before each sequence's last in [0, ",
+             meta.size(0), ") (the quantized pages of meta) but the table reaches ", table->max_inner_index);
+    p.kv = table->view();
+    p.kv.num_pages = static_cast<int>(meta.size(0));
+    p.last_is_tail = true;
+  } else {
+    p.kv = table->bind(k_pages->data(), k_pages->data(), k_pages->size(0), k_pages->size(1));
+  }
   Tensor scores = empty({p.nnz, kv_heads}, DType::F32, q.device());
   p.q = q.data();
   p.meta = meta.data();

@@ -15,7 +15,9 @@
 
 namespace kvflash {
 
-// Recomputes the metadata of `num_pages_to_update` pages from their first valid_len[i] slots.
+// Recomputes the metadata of `num_pages_to_update` pages from their first valid_len[i] slots, into
+// the metadata of page meta_pages[i] (a quantized layer's page, whose keys come from a
+// full-precision page), or of the page itself when meta_pages is null.
 struct QuestMetaParams {
   DType dtype = DType::BF16;
   int num_kv_heads = 0, head_dim = 0, page_size = 0;
@@ -26,6 +28,8 @@ struct QuestMetaParams {
   const int32_t* valid_len = nullptr;  // [n] 1..P
   const int32_t* pages_host = nullptr;
   const int32_t* valid_len_host = nullptr;
+  const int32_t* meta_pages = nullptr;       // [n] or null
+  const int32_t* meta_pages_host = nullptr;  // [n] or null
 };
 
 struct QuestScoreParams {
@@ -38,6 +42,9 @@ struct QuestScoreParams {
   const void* meta = nullptr;  // [numPages, 2, Hkv, D]
   PagedKV kv;                  // the dense table (rows_per_sequence 1)
   float* scores = nullptr;     // [nnz, Hkv]
+  // The layer is quantized: each sequence's last page is a tail page with no metadata, scored +inf
+  // (topkPages keeps it anyway); the metadata covers the quantized pages only.
+  bool last_is_tail = false;
 };
 
 struct TopkPagesParams {

@@ -13,6 +13,7 @@ void quest_update_meta(const QuestMetaParams& p) {
   const int64_t row = int64_t(p.num_kv_heads) * p.head_dim;  // elements of one token
   for (int i = 0; i < p.num_pages_to_update; ++i) {
     const int64_t page = p.pages_host[i];
+    const int64_t meta_page = p.meta_pages_host ? p.meta_pages_host[i] : page;
     for (int64_t c = 0; c < row; ++c) {
       float lo = std::numeric_limits<float>::infinity(), hi = -lo;
       for (int slot = 0; slot < p.valid_len_host[i]; ++slot) {
@@ -20,8 +21,8 @@ void quest_update_meta(const QuestMetaParams& p) {
         lo = std::min(lo, k);
         hi = std::max(hi, k);
       }
-      store_float(p.dtype, p.meta, (page * 2 + 0) * row + c, lo);
-      store_float(p.dtype, p.meta, (page * 2 + 1) * row + c, hi);
+      store_float(p.dtype, p.meta, (meta_page * 2 + 0) * row + c, lo);
+      store_float(p.dtype, p.meta, (meta_page * 2 + 1) * row + c, hi);
     }
   }
 }
@@ -33,6 +34,11 @@ void quest_scores(const QuestScoreParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     for (int32_t e = p.kv.indptr_host[b]; e < p.kv.indptr_host[b + 1]; ++e) {
       const int64_t page = p.kv.indices_host[e];
+      if (p.last_is_tail && e + 1 == p.kv.indptr_host[b + 1]) {
+        for (int h = 0; h < p.shape.num_kv_heads; ++h)
+          p.scores[int64_t(e) * p.shape.num_kv_heads + h] = std::numeric_limits<float>::infinity();
+        continue;
+      }
       for (int h = 0; h < p.shape.num_kv_heads; ++h) {
         float best = -std::numeric_limits<float>::infinity();
         for (int qh = h * group; qh < (h + 1) * group; ++qh) {

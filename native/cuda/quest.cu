@@ -24,7 +24,7 @@ __global__ void quest_meta_kernel(const QuestMetaParams p) {
   const int64_t page = p.pages[blockIdx.x];
   const int valid = p.valid_len[blockIdx.x];
   const T* keys = static_cast<const T*>(p.k_pages) + page * p.page_size * row;
-  T* meta = static_cast<T*>(p.meta) + page * 2 * row;
+  T* meta = static_cast<T*>(p.meta) + (p.meta_pages ? int64_t(p.meta_pages[blockIdx.x]) : page) * 2 * row;
   for (int64_t c = threadIdx.x; c < row; c += blockDim.x) {
     float lo = to_float(keys[c]), hi = lo;
     for (int slot = 1; slot < valid; ++slot) {
@@ -46,7 +46,10 @@ __global__ void __launch_bounds__(kThreads) quest_scores_kernel(const QuestScore
   const int h = blockIdx.x, b = blockIdx.z;
   const int kv_heads = p.shape.num_kv_heads;
   const int32_t begin = p.kv.indptr[b] + blockIdx.y * slice;
-  const int count = min(slice, p.kv.indptr[b + 1] - begin);
+  // A quantized layer's last page (a tail page) has no metadata: the row's first block scores it +inf.
+  const int32_t end = p.kv.indptr[b + 1] - (p.last_is_tail ? 1 : 0);
+  if (p.last_is_tail && blockIdx.y == 0 && threadIdx.x == 0) p.scores[int64_t(end) * kv_heads + h] = INFINITY;
+  const int count = min(slice, end - begin);
   if (count <= 0) return;
   const int group = p.shape.num_q_heads / kv_heads;
   const int mtiles = (group + 15) / 16;

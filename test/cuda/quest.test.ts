@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ops, Tensor } from '../../lib/index';
 import { maxAbsDiff, normal, pagedCache, rng } from '../attention-fixtures';
+import { quantizedCache } from '../quant-fixtures';
 
 const device = 'cuda:0' as const;
 
@@ -152,6 +153,53 @@ describe('Quest on CUDA', () => {
         cpu.out.dispose();
         cpu.lse!.dispose();
       }
+    });
+  }
+
+  for (const [format, dim] of [['int4', 128], ['int8', 64]] as const) {
+    it(`over a quantized layer (${format}, D=${dim}): metadata, scores and sparse decode match the reference`, async () => {
+      const random = rng(950 + dim);
+      const [heads, kvHeads, pageSize, budget] = [16, 4, 16, 6];
+      const lens = [1, 40, 700, 2000];
+      const cache = pagedCache(lens, pageSize, kvHeads, dim, random);
+      const gpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, dtype: 'bf16', device }, cache);
+      const cpu = quantizedCache(lens, pageSize, kvHeads, dim, random, { format, dtype: 'bf16', device: 'cpu' }, cache);
+      const shape = [cache.numPages, pageSize, kvHeads, dim];
+      const all = Int32Array.from({ length: cache.numPages }, (_, i) => i);
+      const metas = [];
+      for (const [layer, dev] of [[gpu, device], [cpu, 'cpu']] as const) {
+        using kPool = Tensor.fromArray(cache.kPages, shape, { dtype: 'bf16', device: dev });
+        using vPool = Tensor.fromArray(cache.vPages, shape, { dtype: 'bf16', device: dev });
+        const meta = ops.createQuestMeta(layer.quant, { dtype: 'bf16' });
+        ops.quantizePages({ kSrc: kPool, vSrc: vPool, srcPages: all, dstPages: all, questMeta: meta }, layer.quant);
+        metas.push(meta);
+      }
+      using meta = metas[0]!;
+      using metaC = metas[1]!;
+      expect(Buffer.from(await meta.bytes()).equals(Buffer.from(await metaC.bytes()))).toBe(true);
+
+      const qData = normal(lens.length * heads * dim, random);
+      using q = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype: 'bf16', device });
+      using qc = Tensor.fromArray(qData, [lens.length, heads, dim], { dtype: 'bf16' });
+      using scores = ops.questScores(q, gpu.quant, meta, gpu.table);
+      using scoresC = ops.questScores(qc, cpu.quant, metaC, cpu.table);
+      const [sg, sc] = [(await scores.toArray()) as Float32Array, (await scoresC.toArray()) as Float32Array];
+      const finite = sc.filter(Number.isFinite);
+      expect(sg.map((x, i) => (Number.isFinite(x) ? 0 : i))).toEqual(sc.map((x, i) => (Number.isFinite(x) ? 0 : i)));
+      expect(maxAbsDiff(sg.filter(Number.isFinite), finite)).toBeLessThan(1e-3 * Math.max(...finite.map(Math.abs)));
+
+      // One selection for both (the GPU's scores), then the sparse decode over the quantized pages.
+      using scoresBack = Tensor.fromArray(sg, [sg.length / kvHeads, kvHeads]);
+      using selected = ops.topkPages(scores, gpu.table, budget);
+      using selectedC = ops.topkPages(scoresBack, cpu.table, budget);
+      expect(await selected.toArrays()).toEqual(await selectedC.toArrays());
+      const got = ops.quantizedPagedDecodeAttention(q, gpu.quant, gpu, selected, { returnLse: true });
+      const want = ops.quantizedPagedDecodeAttention(qc, cpu.quant, cpu, selectedC, { returnLse: true });
+      expect(maxAbsDiff((await got.out.toArray()) as Float32Array, (await want.out.toArray()) as Float32Array)).toBeLessThan(2e-2);
+      expect(maxAbsDiff((await got.lse!.toArray()) as Float32Array, (await want.lse!.toArray()) as Float32Array)).toBeLessThan(1e-3);
+      for (const t of [got.out, got.lse, want.out, want.lse]) t?.dispose();
+      gpu.dispose();
+      cpu.dispose();
     });
   }
 
