@@ -52,7 +52,10 @@ export interface PagedKVCacheOptions {
   quant?: QuantizedCacheOptions;
   /** With quant: tail pages per layer, so the most sequences holding tokens at once (E_OOM beyond). Default 64; ignored without quant. */
   maxSequences?: number;
-  /** Keep Quest page metadata (ops.createQuestMeta) current for every layer: questMeta(layer). Default false. */
+  /**
+   * Keep Quest page metadata (ops.createQuestMeta) current for every layer: questMeta(layer). With quant,
+   * for the quantized pages, from their keys before quantization. Default false.
+   */
   quest?: boolean;
   /** Drops pages as sequences grow (StreamingLLM, H2O) or on compress() (SnapKV). */
   policy?: EvictionPolicy;
@@ -172,7 +175,6 @@ export class PagedKVCache {
     }
     this.policy = opts.policy;
     this.quant = opts.quant === undefined ? undefined : checkQuant(opts.quant, this.dtype, this.headDim);
-    if (this.quant && opts.quest) throw errorAtCaller('E_UNSUPPORTED', 'Expected quest or quant but received both: Quest metadata is kept over full-precision pages only');
     const maxSequences = opts.maxSequences === undefined ? DEFAULT_MAX_SEQUENCES : checkPositiveInteger(opts.maxSequences, 'maxSequences');
     this.maxSequences = this.quant ? maxSequences : 0;
     this.#allocator = new BlockAllocator(this.numPages);
@@ -181,7 +183,7 @@ export class PagedKVCache {
     const tensorOpts = { dtype: this.dtype, device: opts.device ?? 'cpu' } as const;
     this.#pools = [];
     try {
-      const layout = { layers: this.layers, numPages: this.numPages, pageSize, kvHeads: this.kvHeads, headDim: this.headDim, maxSequences: this.maxSequences, ...tensorOpts };
+      const layout = { layers: this.layers, numPages: this.numPages, pageSize, kvHeads: this.kvHeads, headDim: this.headDim, maxSequences: this.maxSequences, quest: opts.quest ?? false, ...tensorOpts };
       if (this.quant) this.#quantized = new QuantizedLayers({ ...layout, quant: this.quant }, this.#allocator, this.#arena);
       else for (let l = 0; l < this.layers; l++) {
         this.#pools.push({ kPages: Tensor.empty(shape, tensorOpts), vPages: Tensor.empty(shape, tensorOpts) });
@@ -379,11 +381,15 @@ export class PagedKVCache {
     return this.quantLayer(layer, 'tailPages').tail;
   }
 
-  /** One layer's Quest metadata, for ops.questDecodeAttention / ops.questScores (the cache must have been made with quest: true). */
+  /**
+   * One layer's Quest metadata, for ops.questDecodeAttention / ops.questScores (the cache must have been
+   * made with quest: true). A quantized cache's covers its quantized pages (questScores(q,
+   * quantizedPages(layer), questMeta(layer), table) then topkPages and quantizedPagedDecodeAttention).
+   */
   questMeta(layer: number): Tensor {
     this.checkLive();
     this.checkLayer(layer);
-    const meta = this.#questMeta[layer];
+    const meta = this.#quantized ? this.#quantized.layer(layer).questMeta : this.#questMeta[layer];
     if (!meta) throw errorAtCaller('E_UNSUPPORTED', 'Expected a PagedKVCache made with quest: true for questMeta');
     return meta;
   }

@@ -12,13 +12,15 @@
  * cache's BlockAllocator) and a tail pool of `maxSequences` pages (ids from `tails`). The last page of
  * a sequence lives in its tail page; when the tail is full and the next token comes, the layer
  * quantizes it (ops.quantizePages) into the quantized page id its slot got when the sequence grew, and
- * writes on from slot 0 of the same tail.
+ * writes on from slot 0 of the same tail. With Quest on, that same call records the page's metadata
+ * from its keys before quantization; tail pages have none (questScores scores them +Infinity).
  */
 import { DType } from '../dtype';
 import { errorAtCaller, KvflashError } from '../errors';
 import { appendPagedKV } from '../ops/attention';
 import { PageTable, StagedPageTable } from '../ops/page-table';
 import { createQuantizedPages, disposeQuantizedPages, QuantizedKVPages, quantizePages, TailPages } from '../ops/quant';
+import { createQuestMeta } from '../ops/quest';
 import { DeviceName, Tensor } from '../tensor';
 import { BlockAllocator } from './block-allocator';
 import { PageArena } from './page-arena';
@@ -29,10 +31,12 @@ import { ensureCapacity, Growth, quantizedSlots, Sequence, WriteItem } from './s
 export interface QuantLayer {
   quant: QuantizedKVPages;
   tail: TailPages;
+  /** With Quest on: [numPages, 2, kvHeads, headDim] min and max keys of each quantized page. */
+  questMeta?: Tensor;
 }
 
 /** The cache's options, as PagedKVCache checked them. */
-export type QuantizedLayersOptions = Required<Pick<PagedKVCacheOptions, 'layers' | 'numPages' | 'pageSize' | 'kvHeads' | 'headDim' | 'dtype' | 'device' | 'maxSequences'>> & {
+export type QuantizedLayersOptions = Required<Pick<PagedKVCacheOptions, 'layers' | 'numPages' | 'pageSize' | 'kvHeads' | 'headDim' | 'dtype' | 'device' | 'maxSequences' | 'quest'>> & {
   quant: Readonly<Required<QuantizedCacheOptions>>;
 };
 
@@ -66,6 +70,7 @@ export class QuantizedLayers {
         this.#layers.push(layer);
         layer.tail.vTail = Tensor.empty(tailShape, tensorOpts);
         layer.quant = createQuantizedPages(opts.numPages, opts.pageSize, opts.kvHeads, opts.headDim, { ...opts.quant, device: opts.device });
+        if (opts.quest) layer.questMeta = createQuestMeta(layer.quant, { dtype: opts.dtype });
       }
     } catch (error) {
       this.dispose();
@@ -149,8 +154,8 @@ export class QuantizedLayers {
   /** Copy-on-write of a quantized page on every layer (codes, scales, mins); `page` loses this owner. */
   private copyPage(page: number): number {
     const copy = this.#pages.allocate();
-    for (const { quant } of this.#layers) {
-      for (const t of [quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin]) if (t) copyRows(t, page, copy);
+    for (const { quant, questMeta } of this.#layers) {
+      for (const t of [quant.kCodes, quant.vCodes, quant.kScale, quant.kMin, quant.vScale, quant.vMin, questMeta]) if (t) copyRows(t, page, copy);
     }
     this.#pages.release(page);
     return copy;
@@ -166,7 +171,7 @@ export class QuantizedLayers {
    */
   write(layer: number, k: Tensor, v: Tensor, items: readonly WriteItem[], staged?: { table?: StagedPageTable }): void {
     const P = this.#pageSize;
-    const { quant, tail } = this.#layers[layer]!;
+    const { quant, tail, questMeta } = this.#layers[layer]!;
     const batch = items.length;
     const first = new Int32Array(batch);
     const last = new Int32Array(batch);
@@ -200,7 +205,7 @@ export class QuantizedLayers {
       lastPageLen[b] = it.from + it.n - last[b]! * P;
     });
     if (direct) {
-      if (sealSrc.length > 0) quantizePages({ kSrc: tail.kTail, vSrc: tail.vTail, srcPages: Int32Array.from(sealSrc), dstPages: Int32Array.from(sealDst) }, quant);
+      if (sealSrc.length > 0) quantizePages({ kSrc: tail.kTail, vSrc: tail.vTail, srcPages: Int32Array.from(sealSrc), dstPages: Int32Array.from(sealDst), questMeta }, quant);
       let table: PageTable | StagedPageTable = { indptr, indices: Int32Array.from(items, (it) => it.seq.tail), lastPageLen };
       if (staged) table = staged.table ??= new StagedPageTable(table, this.device as DeviceName);
       appendPagedKV(k, v, { kPages: tail.kTail, vPages: tail.vTail }, table, { batchIndices, positions });
@@ -223,7 +228,7 @@ export class QuantizedLayers {
       });
       const indices = Int32Array.from({ length: indptr[batch]! }, (_, i) => i);
       appendPagedKV(k, v, { kPages: kScratch, vPages: vScratch }, { indptr, indices, lastPageLen }, { batchIndices, positions });
-      if (src.length > 0) quantizePages({ kSrc: kScratch, vSrc: vScratch, srcPages: Int32Array.from(src), dstPages: Int32Array.from(dst) }, quant);
+      if (src.length > 0) quantizePages({ kSrc: kScratch, vSrc: vScratch, srcPages: Int32Array.from(src), dstPages: Int32Array.from(dst), questMeta }, quant);
       items.forEach((it, b) => {
         copyRows(tail.kTail, indptr[b + 1]! - 1, it.seq.tail, kScratch);
         copyRows(tail.vTail, indptr[b + 1]! - 1, it.seq.tail, vScratch);
@@ -263,10 +268,11 @@ export class QuantizedLayers {
 
   /** Frees every pool now. Safe to call twice. */
   dispose(): void {
-    for (const { quant, tail } of this.#layers) {
+    for (const { quant, tail, questMeta } of this.#layers) {
       if (quant) disposeQuantizedPages(quant);
       tail.kTail?.dispose();
       tail.vTail?.dispose();
+      questMeta?.dispose();
     }
     this.#layers = [];
   }

@@ -465,25 +465,26 @@ describe('PagedKVCache with quantized pages', () => {
     expect(cache.info(a).length).toBe(12);
   });
 
-  it('refuses pages(layer) and bad quant options; frees every pool on dispose', () => {
+  it('refuses pages(layer) and bad quant options; frees every pool (and the Quest metadata) on dispose', () => {
     const base = { layers: 1, numPages: 4, pageSize: 4, kvHeads: 1, headDim: 32, dtype: 'f32' } as const;
     expect(codeOf(() => new PagedKVCache({ ...base, quant: { format: 'int3' as QuantFormat } }))).toBe('E_RANGE');
     expect(codeOf(() => new PagedKVCache({ ...base, quant: { format: 'int4', groupSize: 48 } }))).toBe('E_RANGE');
     expect(codeOf(() => new PagedKVCache({ ...base, quant: { format: 'int4', groupSize: 64 } }))).toBe('E_SHAPE');
     expect(codeOf(() => new PagedKVCache({ ...base, dtype: 'i8', quant: { format: 'int8' } }))).toBe('E_DTYPE');
-    expect(codeOf(() => new PagedKVCache({ ...base, quant: { format: 'int8' }, quest: true }))).toBe('E_UNSUPPORTED');
     expect(codeOf(() => new PagedKVCache({ ...base, quant: { format: 'int8' }, maxSequences: 0 }))).toBe('E_RANGE');
     using plain = new PagedKVCache(base);
     expect(codeOf(() => plain.quantizedPages(0))).toBe('E_UNSUPPORTED');
-    const cache = new PagedKVCache({ ...base, quant: { format: 'int8' } });
+    const cache = new PagedKVCache({ ...base, quant: { format: 'int8' }, quest: true });
     expect(() => cache.pages(0)).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: expect.stringContaining('quantizedPages(layer)') }));
     expect(cache.maxSequences).toBe(64);
     expect(cache.tailPages(0).kTail.shape).toEqual([64, 4, 1, 32]);
     expect(codeOf(() => cache.quantizedPages(1))).toBe('E_RANGE');
     const { kCodes, vMin } = cache.quantizedPages(0);
     const { kTail, vTail } = cache.tailPages(0);
+    const meta = cache.questMeta(0);
+    expect(meta.shape).toEqual([4, 2, 1, 32]);
     cache.dispose();
-    expect([kCodes, vMin!, kTail, vTail].every((t) => t.disposed)).toBe(true);
+    expect([kCodes, vMin!, kTail, vTail, meta].every((t) => t.disposed)).toBe(true);
     expect(codeOf(() => cache.quantizedPages(0))).toBe('E_DISPOSED');
   });
 });
