@@ -37,7 +37,7 @@ describe('PageArena', () => {
         for (const c of commands) {
           const picked = c.op === 'add' || live.length === 0 ? undefined : live[c.pick % live.length]!;
           if (c.op === 'add') {
-            const slot: PageSlot = { pages: new Int32Array(0), view: undefined };
+            const slot: PageSlot = { pages: new Int32Array(0), offset: 0, view: undefined };
             arena.place(slot, c.capacity, 0);
             const entries: number[] = [];
             fill(slot, entries);
@@ -51,7 +51,7 @@ describe('PageArena', () => {
             fill(picked.slot, picked.entries);
           } else if (c.op === 'copy') {
             // As fork does: the new slot starts as a view of another one, which the placement may move.
-            const slot: PageSlot = { pages: picked.slot.pages, view: undefined };
+            const slot: PageSlot = { pages: picked.slot.pages, offset: 0, view: undefined };
             arena.place(slot, picked.entries.length, picked.entries.length);
             live.push({ slot, entries: [...picked.entries] });
             held += picked.entries.length;
@@ -74,10 +74,10 @@ describe('PageArena', () => {
 
   it('drops a slot\'s cached view when the slot moves', () => {
     const arena = new PageArena();
-    const slot: PageSlot = { pages: new Int32Array(0), view: undefined };
+    const slot: PageSlot = { pages: new Int32Array(0), offset: 0, view: undefined };
     arena.place(slot, 4, 0);
     slot.view = slot.pages.subarray(0, 2);
-    arena.place({ pages: new Int32Array(0), view: undefined }, INITIAL_ENTRIES, 0); // packs: every slot moves
+    arena.place({ pages: new Int32Array(0), offset: 0, view: undefined }, INITIAL_ENTRIES, 0); // packs: every slot moves
     expect(slot.view).toBeUndefined();
     slot.view = slot.pages.subarray(0, 2);
     arena.place(slot, 8, 4);

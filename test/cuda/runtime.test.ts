@@ -13,6 +13,7 @@ describe('CUDA runtime', () => {
     const freed = memory(device);
     expect(freed.cached).toBeGreaterThanOrEqual(16 << 20);
     using b = Tensor.empty([8 << 20], { dtype: 'bf16', device });
+    expect(b.numel).toBe(8 << 20);
     const again = memory(device);
     expect(again.cacheHits).toBe(freed.cacheHits + 1);
     expect(again.inUse + again.cached).toBe(held.inUse + held.cached);

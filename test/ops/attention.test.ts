@@ -168,7 +168,7 @@ describe('attentionMass (CPU reference)', () => {
           });
           const max = Math.max(...logits);
           const sum = logits.reduce((a, l) => a + Math.exp(l - max), 0);
-          logits.forEach((l, j) => (expected[(tokenBase + j) * kvHeads + h] += Math.exp(l - max) / sum));
+          logits.forEach((l, j) => (expected[(tokenBase + j) * kvHeads + h]! += Math.exp(l - max) / sum));
         }
       }
       tokenBase += len;
@@ -188,7 +188,7 @@ describe('attentionMass (CPU reference)', () => {
     lens.forEach((len, b) => {
       for (let j = 0; j < len; j++) {
         const entry = cache.indptr[b]! + Math.floor(j / pageSize);
-        for (let h = 0; h < kvHeads; h++) pageSums[entry * kvHeads + h] += tokens[(tokenBase + j) * kvHeads + h]!;
+        for (let h = 0; h < kvHeads; h++) pageSums[entry * kvHeads + h]! += tokens[(tokenBase + j) * kvHeads + h]!;
       }
       tokenBase += len;
     });
