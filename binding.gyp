@@ -13,6 +13,7 @@
         "native/cpu/quest.cpp",
         "native/binding/addon.cpp",
         "native/binding/attention_functions.cpp",
+        "native/binding/graph_functions.cpp",
         "native/binding/args.cpp",
         "native/binding/page_table.cpp",
         "native/binding/pending_promise.cpp",

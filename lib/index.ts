@@ -8,6 +8,7 @@ export type { BackendInfo, MemoryStats } from './native';
 export { Tensor } from './tensor';
 export type { ArrayData, DeviceName, TensorOptions } from './tensor';
 export { emptyCache, flushL2Cache, gpuBusyWait, memory, setMemoryLimit, synchronize, TimingEvent } from './runtime';
+export { CudaGraph } from './graph';
 export * as ops from './ops/index';
 export type { AppendPositions, AttentionMassOptions, AttentionResult, DecodeOptions, KVPages, MaskOptions, PagedPrefillOptions, PrefillOptions } from './ops/attention';
 export type { PageTable } from './ops/page-table';

@@ -97,6 +97,10 @@ export interface NativeBinding {
   flushCache(device: string): void;
   recordEvent(device: string): object;
   elapsedMs(start: object, end: object): Promise<number>;
+  captureBegin(device: string): void;
+  captureEnd(device: string): object;
+  graphReplay(graph: object): void;
+  graphDispose(graph: object): void;
 }
 
 export interface BackendInfo {

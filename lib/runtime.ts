@@ -3,7 +3,8 @@ import { awaitNative, callNative } from './errors';
 import { backend, MemoryStats, native } from './native';
 import type { DeviceName } from './tensor';
 
-function deviceOrDefault(device: DeviceName | undefined): string {
+/** @internal The device name ops use for `device` (default: the backend's device). */
+export function deviceOrDefault(device: DeviceName | undefined): string {
   if (device === undefined) return backend().name === 'cuda' ? 'cuda:0' : 'cpu';
   return device === 'cuda' ? 'cuda:0' : device;
 }

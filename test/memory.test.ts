@@ -4,7 +4,7 @@ import * as path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { emptyCache, flushL2Cache, gpuBusyWait, KvflashError, memory, setMemoryLimit, Tensor, TimingEvent } from '../lib/index';
+import { CudaGraph, emptyCache, flushL2Cache, gpuBusyWait, KvflashError, memory, setMemoryLimit, Tensor, TimingEvent } from '../lib/index';
 
 afterEach(() => setMemoryLimit('cpu', 0));
 
@@ -73,6 +73,9 @@ describe('GPU-only runtime helpers on the CPU backend', () => {
   it('refuse the cpu device with E_UNSUPPORTED', () => {
     expect(() => gpuBusyWait(1, 'cpu')).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED' }));
     expect(() => flushL2Cache('cpu')).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: 'Expected a cuda device for flush_cache but received cpu' }));
+    let ran = false;
+    expect(() => CudaGraph.capture('cpu', () => (ran = true))).toThrow(expect.objectContaining({ code: 'E_UNSUPPORTED', message: 'Expected a cuda device for graph capture but received cpu' }));
+    expect(ran).toBe(false);
   });
 });
 

@@ -15,6 +15,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   kvflash::binding::export_attention_functions(env, exports);
   kvflash::binding::export_quest_functions(env, exports);
   kvflash::binding::export_quant_functions(env, exports);
+  kvflash::binding::export_graph_functions(env, exports);
   return exports;
 }
 

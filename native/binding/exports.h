@@ -9,5 +9,6 @@ void export_runtime_functions(Napi::Env env, Napi::Object exports);
 void export_attention_functions(Napi::Env env, Napi::Object exports);
 void export_quest_functions(Napi::Env env, Napi::Object exports);
 void export_quant_functions(Napi::Env env, Napi::Object exports);
+void export_graph_functions(Napi::Env env, Napi::Object exports);
 
 }  // namespace kvflash::binding

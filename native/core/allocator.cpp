@@ -1,5 +1,8 @@
 #include "allocator.h"
 
+#include <algorithm>
+#include <iterator>
+
 #include "errors.h"
 
 namespace kvflash {
@@ -13,6 +16,16 @@ constexpr size_t kLargeGranule = size_t(2) << 20;
 // small blocks, an eighth for large ones.
 bool fits(size_t block, size_t request) {
   return request < kLargeThreshold ? block <= 2 * request : block <= request + request / 8;
+}
+
+// Takes a block that fits `size` out of `pool` (its size into *block), or returns nullptr.
+void* take_cached(std::multimap<size_t, void*>& pool, size_t size, size_t* block) {
+  auto it = pool.lower_bound(size);
+  if (it == pool.end() || !fits(it->first, size)) return nullptr;
+  void* ptr = it->second;
+  *block = it->first;
+  pool.erase(it);
+  return ptr;
 }
 }  // namespace
 
@@ -30,11 +43,16 @@ CachingAllocator::~CachingAllocator() {
 void* CachingAllocator::allocate(size_t bytes) {
   const size_t size = round_size(bytes);
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = free_blocks_.lower_bound(size);
-  if (it != free_blocks_.end() && fits(it->first, size)) {
-    void* ptr = it->second;
-    const size_t block = it->first;
-    free_blocks_.erase(it);
+  void* ptr = allocate_locked(size, bytes);
+  if (capturing_) graph_of_[ptr] = capturing_;
+  return ptr;
+}
+
+void* CachingAllocator::allocate_locked(size_t size, size_t bytes) {
+  size_t block = 0;
+  void* ptr = capturing_ ? take_cached(graph_free_[capturing_], size, &block) : nullptr;
+  if (!ptr) ptr = take_cached(free_blocks_, size, &block);
+  if (ptr) {
     stats_.cached -= block;
     stats_.in_use += block;
     stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
@@ -44,10 +62,9 @@ void* CachingAllocator::allocate(size_t bytes) {
     return ptr;
   }
   if (stats_.limit && stats_.in_use + stats_.cached + size > stats_.limit) release_cached_locked();
-  void* ptr = nullptr;
   if (!stats_.limit || stats_.in_use + size <= stats_.limit) {
     ptr = raw_->allocate(size);
-    if (!ptr && stats_.cached) {  // the device is full: give the cache back and try once more
+    if (!ptr && !free_blocks_.empty()) {  // the device is full: give the cache back and try once more
       release_cached_locked();
       ptr = raw_->allocate(size);
     }
@@ -73,7 +90,31 @@ void CachingAllocator::release(void* ptr) {
   live_blocks_.erase(it);
   stats_.in_use -= block;
   stats_.cached += block;
-  free_blocks_.emplace(block, ptr);
+  const auto owner = graph_of_.find(ptr);
+  (owner == graph_of_.end() ? free_blocks_ : graph_free_[owner->second]).emplace(block, ptr);
+}
+
+void CachingAllocator::begin_graph(int id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  capturing_ = id;
+}
+
+void CachingAllocator::end_graph() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  capturing_ = 0;
+}
+
+void CachingAllocator::release_graph(int id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto pool = graph_free_.find(id);
+  if (pool != graph_free_.end()) {
+    for (const auto& [size, ptr] : pool->second) {
+      graph_of_.erase(ptr);
+      free_blocks_.emplace(size, ptr);
+    }
+    graph_free_.erase(pool);
+  }
+  for (auto it = graph_of_.begin(); it != graph_of_.end();) it = it->second == id ? graph_of_.erase(it) : std::next(it);
 }
 
 void CachingAllocator::empty_cache() {
@@ -91,10 +132,13 @@ MemoryStats CachingAllocator::stats() {
   return stats_;
 }
 
+// Graphs' freed blocks stay: their replays may still write them.
 void CachingAllocator::release_cached_locked() {
-  for (auto& [size, ptr] : free_blocks_) raw_->release(ptr);
+  for (auto& [size, ptr] : free_blocks_) {
+    raw_->release(ptr);
+    stats_.cached -= size;
+  }
   free_blocks_.clear();
-  stats_.cached = 0;
 }
 
 }  // namespace kvflash

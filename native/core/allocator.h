@@ -7,6 +7,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 namespace kvflash {
 
@@ -44,7 +45,15 @@ class CachingAllocator {
   // Rounding keeps the number of distinct block sizes small, so freed blocks match later requests.
   static size_t round_size(size_t bytes);
 
+  // CUDA graph capture: the blocks handed out while graph `id` is captured belong to it, since its
+  // replays write them. Freed, they stay with the graph and serve only its own later requests until
+  // release_graph(id) returns them to the cache; those still live then become ordinary blocks.
+  void begin_graph(int id);
+  void end_graph();
+  void release_graph(int id);
+
  private:
+  void* allocate_locked(size_t size, size_t bytes);
   void release_cached_locked();
 
   std::string device_name_;
@@ -52,6 +61,9 @@ class CachingAllocator {
   std::mutex mutex_;
   std::multimap<size_t, void*> free_blocks_;       // block size -> block
   std::unordered_map<void*, size_t> live_blocks_;  // block -> block size
+  int capturing_ = 0;                              // the graph being captured, 0 if none
+  std::unordered_map<void*, int> graph_of_;        // block -> the graph that owns it
+  std::unordered_map<int, std::multimap<size_t, void*>> graph_free_;  // graph -> its freed blocks
   MemoryStats stats_;
 };
 

@@ -18,6 +18,13 @@ struct DeviceInfo {
   std::string compute_capability;  // "9.0"
 };
 
+// Work captured from a device's stream (a CUDA graph), replayed on that stream. Destroying it returns
+// the blocks it owns to the device's cache, ordered after its replays.
+struct CapturedGraph {
+  virtual ~CapturedGraph() = default;
+  virtual void replay() = 0;
+};
+
 // A point in a device's stream of work, for timing: elapsed_ms_since waits (blocking) until both
 // points have passed.
 struct TimedEvent {
@@ -73,6 +80,11 @@ class Backend {
   virtual void busy_wait(const Device& device, double ms) = 0;
   // Benchmark support: evicts the device's cache by reading (not writing) a buffer several times its size.
   virtual void flush_cache(const Device& device) = 0;
+
+  // Graph capture: the work queued on the device between begin and end is recorded, not run, and
+  // end returns it as a replayable graph (or throws, capture over, when the work could not be captured).
+  virtual void begin_graph_capture(const Device& device) = 0;
+  virtual std::unique_ptr<CapturedGraph> end_graph_capture(const Device& device) = 0;
 };
 
 Backend& cpu_backend();

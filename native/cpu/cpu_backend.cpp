@@ -81,6 +81,12 @@ class CpuBackend final : public Backend {
   void busy_wait(const Device&, double) override {
     fail(ErrorCode::Unsupported, "Expected a cuda device for busy_wait but received cpu");
   }
+  void begin_graph_capture(const Device&) override {
+    fail(ErrorCode::Unsupported, "Expected a cuda device for graph capture but received cpu");
+  }
+  std::unique_ptr<CapturedGraph> end_graph_capture(const Device&) override {
+    fail(ErrorCode::Unsupported, "Expected a cuda device for graph capture but received cpu");
+  }
   void flush_cache(const Device&) override {
     fail(ErrorCode::Unsupported, "Expected a cuda device for flush_cache but received cpu");
   }

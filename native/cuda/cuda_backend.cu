@@ -1,5 +1,6 @@
 // The CUDA backend: per-device caching allocators and streams, copies between host and device, and
 // dispatch of each op to its kernel family.
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -82,6 +83,26 @@ struct CudaTimedEvent : TimedEvent {
   cudaEvent_t event{};
 };
 
+// An instantiated graph and what it owns: its blocks in the device's allocator (graph `id`).
+class CudaGraph final : public CapturedGraph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, CachingAllocator* allocator, int id)
+      : exec_(exec), stream_(stream), allocator_(allocator), id_(id) {}
+  // An executable graph destroyed mid-replay is freed when the replay ends; the blocks go back to a
+  // cache whose next users are ordered after that replay on the same stream.
+  ~CudaGraph() override {
+    cudaGraphExecDestroy(exec_);
+    allocator_->release_graph(id_);
+  }
+  void replay() override { KV_CUDA(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  CachingAllocator* allocator_;
+  int id_;
+};
+
 struct DeviceState {
   explicit DeviceState(int index) : allocator("cuda:" + std::to_string(index), &memory) {
     KV_CUDA(cudaSetDevice(index));
@@ -92,6 +113,7 @@ struct DeviceState {
   cudaStream_t stream{};
   Tensor flush_buffer;  // made on first flush_cache: four times the L2 size, filled once
   Tensor quest_counters;  // the fused Quest decode's row counters (quest_decode.h), zero between launches
+  int capturing = 0;      // the graph being captured on `stream`, 0 if none
 };
 
 class CudaBackend final : public Backend {
@@ -115,6 +137,10 @@ class CudaBackend final : public Backend {
 
   void copy(const Tensor& src, Tensor& dst) override {
     const Device& gpu = src.device().is_cuda() ? src.device() : dst.device();
+    // A captured host copy would replay from (or into) host memory long since reused.
+    KV_CHECK(state(gpu).capturing == 0 || (src.device().is_cuda() && dst.device().is_cuda()), Unsupported,
+             "Expected device work only while a CUDA graph is captured on ", gpu.name(),
+             " but received a copy between host and device memory");
     cudaStream_t stream = state(gpu).stream;
     if (src.device().is_cuda() && dst.device().is_cuda() && src.device() != dst.device()) {
       EventWork dst_ready(state(dst.device()).stream);  // earlier work on the destination comes first
@@ -185,6 +211,9 @@ class CudaBackend final : public Backend {
     DeviceState& s = state(device);
     const size_t counters = quest_decode_counters(p);
     if (!s.quest_counters.defined() || static_cast<size_t>(s.quest_counters.numel()) < counters) {
+      // A capture would record the zeroing without running it, and an eager launch would find garbage.
+      KV_CHECK(s.capturing == 0, Unsupported, "Expected questDecodeAttention to have run at this batch size before "
+               "a graph captures it (its row counters are made on first use) but it had not");
       // Zeroed once; the kernel leaves them zero. A smaller buffer goes back in stream order.
       s.quest_counters = empty({static_cast<int64_t>(counters)}, DType::I32, device);
       fill(s.quest_counters, 0);
@@ -202,6 +231,43 @@ class CudaBackend final : public Backend {
   }
 
   void busy_wait(const Device& device, double ms) override { cuda::launch_busy_wait(ms, state(device).stream); }
+
+  // Relaxed capture: allocations may still reach cudaMalloc (the caching allocator's misses), which
+  // the stricter modes refuse.
+  void begin_graph_capture(const Device& device) override {
+    DeviceState& s = state(device);
+    KV_CHECK(s.capturing == 0, Unsupported, "Expected no graph capture in progress on ", device.name(),
+             " but one is (graphs do not nest)");
+    const int id = next_graph_id_.fetch_add(1) + 1;
+    s.allocator.begin_graph(id);
+    const cudaError_t status = cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeRelaxed);
+    if (status != cudaSuccess) {
+      s.allocator.end_graph();
+      s.allocator.release_graph(id);
+      check(status, "cudaStreamBeginCapture");
+    }
+    s.capturing = id;
+  }
+
+  std::unique_ptr<CapturedGraph> end_graph_capture(const Device& device) override {
+    DeviceState& s = state(device);
+    KV_CHECK(s.capturing != 0, Unsupported, "Expected a graph capture in progress on ", device.name(), " but none is");
+    const int id = s.capturing;
+    s.capturing = 0;
+    s.allocator.end_graph();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t status = cudaStreamEndCapture(s.stream, &graph);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = status == cudaSuccess ? cudaGraphInstantiate(&exec, graph, 0) : status;
+    if (graph) cudaGraphDestroy(graph);
+    if (made != cudaSuccess) {
+      cudaGetLastError();
+      s.allocator.release_graph(id);
+      fail(ErrorCode::Cuda, "Could not capture the work as a CUDA graph (", cudaGetErrorString(made),
+           "): inside a capture, ops may only queue device work (no host copies, no waiting for the device)");
+    }
+    return std::make_unique<CudaGraph>(exec, s.stream, &s.allocator, id);
+  }
 
   void flush_cache(const Device& device) override {
     DeviceState& s = state(device);
@@ -248,6 +314,7 @@ class CudaBackend final : public Backend {
   }
 
   std::mutex mutex_;
+  std::atomic<int> next_graph_id_{0};
   bool probed_ = false;
   int device_count_ = 0;
   std::string probe_error_;
