@@ -15,6 +15,15 @@ import { native } from './native';
 import { deviceOrDefault } from './runtime';
 import type { DeviceName } from './tensor';
 
+/** Ends a capture whose work is not wanted and frees what it captured; the caller reports why. */
+function abandonCapture(device: string): void {
+  try {
+    native().graphDispose(native().captureEnd(device));
+  } catch {
+    // The capture is over either way (an invalidated one throws here); the caller's error is the one to report.
+  }
+}
+
 export class CudaGraph {
   readonly device: string;
   #graph: object | undefined;
@@ -35,15 +44,11 @@ export class CudaGraph {
     try {
       result = fn();
     } catch (error) {
-      try {
-        native().graphDispose(native().captureEnd(name));
-      } catch {
-        // fn's own error is the one to report; the capture is over either way.
-      }
+      abandonCapture(name);
       throw error;
     }
     if (result instanceof Promise) {
-      native().graphDispose(native().captureEnd(name));
+      abandonCapture(name);
       throw errorAtCaller('E_UNSUPPORTED', 'Expected a synchronous fn for CudaGraph.capture but it returned a Promise: queue ops only, without awaiting');
     }
     const graph = callNative(() => native().captureEnd(name));

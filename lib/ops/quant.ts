@@ -95,7 +95,8 @@ function layerHandles(q: QuantizedKVPages): LayerHandles {
   return [q.format, q.groupSize ?? 32, q.kCodes.handle(), q.vCodes.handle(), q.kScale.handle(), q.kMin?.handle(), q.vScale.handle(), q.vMin?.handle()];
 }
 
-function headDimOf(q: QuantizedKVPages): number {
+/** @internal The head dim of a quantized layer, from its packed key codes. */
+export function headDimOf(q: QuantizedKVPages): number {
   return (q.kCodes.shape[3]! * 8) / quantBits(q.format);
 }
 

@@ -13,7 +13,7 @@ import { native } from '../native';
 import { Tensor } from '../tensor';
 import { AttentionResult, DecodeOptions, defaultScale, KVPages, wrapResult } from './attention';
 import { PageTable, StagedPageTable, withStagedTable } from './page-table';
-import { quantBits, QuantizedKVPages } from './quant';
+import { headDimOf, QuantizedKVPages } from './quant';
 
 /**
  * Metadata storage for a layer: [numPages, 2, kvHeads, headDim], in the pool's dtype for a page pool;
@@ -27,9 +27,8 @@ export function createQuestMeta(layer: Tensor | QuantizedKVPages, opts?: { dtype
     return Tensor.empty([numPages, 2, kvHeads, headDim], { dtype: layer.dtype, device: layer.device as never });
   }
   if (!opts?.dtype) throw invalid('E_DTYPE', 'opts.dtype', 'the dtype of the keys a quantized layer is made from', opts?.dtype);
-  const [numPages, , kvHeads, codeBytes] = layer.kCodes.shape as [number, number, number, number];
-  const headDim = (codeBytes * 8) / quantBits(layer.format);
-  return Tensor.empty([numPages, 2, kvHeads, headDim], { dtype: opts.dtype, device: layer.kCodes.device as never });
+  const [numPages, , kvHeads] = layer.kCodes.shape as [number, number, number, number];
+  return Tensor.empty([numPages, 2, kvHeads, headDimOf(layer)], { dtype: opts.dtype, device: layer.kCodes.device as never });
 }
 
 /** Computes the metadata of every page the table lists from the keys now in them. */

@@ -24,6 +24,13 @@ void StagedPageTable::check_query_rows(const Tensor& q) const {
            q.size(0));
 }
 
+void StagedPageTable::check_last_page_len(int64_t page_size) const {
+  if (max_last_page_len <= page_size) return;
+  const auto it = std::find_if(last_page_len.begin(), last_page_len.end(), [&](int32_t l) { return l > page_size; });
+  fail(ErrorCode::Range, "Expected lastPageLen[", it - last_page_len.begin(), "] in [1, ", page_size,
+       "] but received ", *it);
+}
+
 PagedKV StagedPageTable::bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const {
   if (max_index >= num_pages) {
     const auto it = std::find_if(indices.begin(), indices.end(), [&](int32_t i) { return i >= num_pages; });
@@ -32,11 +39,7 @@ PagedKV StagedPageTable::bind(const void* k_pages, const void* v_pages, int64_t 
     fail(ErrorCode::Range, "Expected page indices in [0, ", num_pages, ") (the pages of kPages) but the table reaches ",
          max_index);
   }
-  if (max_last_page_len > page_size) {
-    const auto it = std::find_if(last_page_len.begin(), last_page_len.end(), [&](int32_t l) { return l > page_size; });
-    fail(ErrorCode::Range, "Expected lastPageLen[", it - last_page_len.begin(), "] in [1, ", page_size,
-         "] but received ", *it);
-  }
+  check_last_page_len(page_size);
   PagedKV kv = view();
   kv.k_pages = k_pages;
   kv.v_pages = v_pages;

@@ -35,6 +35,8 @@ struct StagedPageTable {
   }
   // The table's arrays as a PagedKV with no pool yet.
   PagedKV view() const;
+  // Throws E_RANGE naming the first lastPageLen over `page_size`.
+  void check_last_page_len(int64_t page_size) const;
   // The PagedKV view over a pool of `num_pages` pages of `page_size` tokens; throws E_RANGE if an
   // index or a last-page length does not fit that pool.
   PagedKV bind(const void* k_pages, const void* v_pages, int64_t num_pages, int64_t page_size) const;

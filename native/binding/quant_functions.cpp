@@ -256,11 +256,7 @@ QuantizedKV get_quantized_kv(const Napi::CallbackInfo& info, int first, const Te
     fail(ErrorCode::Range, "Expected ", indices_at(at), " ", whose, " in [0, ", num_tail,
          ") (the full-precision pages of kTail) but received ", at.entry >= 0 ? table.indices[at.entry] : table.max_last_index);
   }
-  if (table.max_last_page_len > P) {
-    const auto it = std::find_if(table.last_page_len.begin(), table.last_page_len.end(), [&](int32_t l) { return l > P; });
-    fail(ErrorCode::Range, "Expected lastPageLen[", it - table.last_page_len.begin(), "] in [1, ", P,
-         "] but received ", *it);
-  }
+  table.check_last_page_len(P);
   in.kv = table.view();
   in.kv.k_pages = k_tail.data();
   in.kv.v_pages = v_tail.data();

@@ -14,25 +14,31 @@
 
 namespace kvflash::binding {
 
-const Tensor& check_quest_meta(const Napi::Value& v, const Tensor& k_pages) {
-  const Tensor& meta = TensorHandle::unwrap(v, "meta");
-  const Shape expected = {k_pages.size(0), 2, k_pages.size(2), k_pages.size(3)};
-  KV_CHECK(meta.shape() == expected, Shape, "Expected meta of shape ", shape_str(expected),
-           " ([numPages, 2, kvHeads, headDim] of this page pool) but received ", shape_str(meta.shape()));
-  KV_CHECK(meta.dtype() == k_pages.dtype() && meta.device() == k_pages.device(), Dtype, "Expected meta of ",
-           dtype_name(k_pages.dtype()), " on ", k_pages.device().name(), " like kPages but received ", meta.describe());
+namespace {
+
+// The metadata argument `name`: [pages, 2, kvHeads, headDim] of `layer` (how messages name it), in
+// `dtype` on `device` (`like`: whose they are).
+const Tensor& check_meta(const Napi::Value& v, const char* name, const Shape& expected, const char* layer, DType dtype,
+                         const Device& device, const char* like) {
+  const Tensor& meta = TensorHandle::unwrap(v, name);
+  KV_CHECK(meta.shape() == expected, Shape, "Expected ", name, " of shape ", shape_str(expected),
+           " ([numPages, 2, kvHeads, headDim] of ", layer, ") but received ", shape_str(meta.shape()));
+  KV_CHECK(meta.dtype() == dtype && meta.device() == device, Dtype, "Expected ", name, " of ", dtype_name(dtype), " on ",
+           device.name(), " ", like, " but received ", meta.describe());
   return meta;
+}
+
+}  // namespace
+
+const Tensor& check_quest_meta(const Napi::Value& v, const Tensor& k_pages) {
+  return check_meta(v, "meta", {k_pages.size(0), 2, k_pages.size(2), k_pages.size(3)}, "this page pool",
+                    k_pages.dtype(), k_pages.device(), "like kPages");
 }
 
 const Tensor& check_quantized_quest_meta(const Napi::Value& v, int64_t num_pages, int64_t kv_heads, int64_t head_dim,
                                          DType dtype, const Device& device) {
-  const Tensor& meta = TensorHandle::unwrap(v, "questMeta");
-  const Shape expected = {num_pages, 2, kv_heads, head_dim};
-  KV_CHECK(meta.shape() == expected, Shape, "Expected questMeta of shape ", shape_str(expected),
-           " ([numPages, 2, kvHeads, headDim] of the quantized pages) but received ", shape_str(meta.shape()));
-  KV_CHECK(meta.dtype() == dtype && meta.device() == device, Dtype, "Expected questMeta of ", dtype_name(dtype), " on ",
-           device.name(), " (the full-precision keys') but received ", meta.describe());
-  return meta;
+  return check_meta(v, "questMeta", {num_pages, 2, kv_heads, head_dim}, "the quantized pages", dtype, device,
+                    "(the full-precision keys')");
 }
 
 void update_quest_meta(const Tensor& k_pages, const Tensor& meta, std::vector<int32_t> pages,

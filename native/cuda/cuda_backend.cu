@@ -137,11 +137,12 @@ class CudaBackend final : public Backend {
 
   void copy(const Tensor& src, Tensor& dst) override {
     const Device& gpu = src.device().is_cuda() ? src.device() : dst.device();
+    const DeviceState& s = state(gpu);
     // A captured host copy would replay from (or into) host memory long since reused.
-    KV_CHECK(state(gpu).capturing == 0 || (src.device().is_cuda() && dst.device().is_cuda()), Unsupported,
+    KV_CHECK(s.capturing == 0 || (src.device().is_cuda() && dst.device().is_cuda()), Unsupported,
              "Expected device work only while a CUDA graph is captured on ", gpu.name(),
              " but received a copy between host and device memory");
-    cudaStream_t stream = state(gpu).stream;
+    cudaStream_t stream = s.stream;
     if (src.device().is_cuda() && dst.device().is_cuda() && src.device() != dst.device()) {
       EventWork dst_ready(state(dst.device()).stream);  // earlier work on the destination comes first
       KV_CUDA(cudaStreamWaitEvent(stream, dst_ready.event, 0));
