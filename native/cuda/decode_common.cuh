@@ -107,12 +107,13 @@ __device__ __forceinline__ void softmax_step(float (&s)[2][4], int pos0, int end
 // The block's epilogue after its warps left their partial (o, m, l) in shared memory: o_s [warps][16][D]
 // (row-major, unnormalized), m_s and l_s [warps][16] (log2 domain). Warp w holds head tile w % MTILES;
 // the SLICES warps of a tile split its tokens. Merges them per head and writes out (and lse) when
-// the sequence is not split, else the split's normalized partial and its log2-sum-exp.
-template <typename T, int D, int SLICES, int MTILES>
+// the sequence is not split, else the split's normalized partial and its log2-sum-exp. THREADS: the
+// block's threads, which share the work.
+template <typename T, int D, int SLICES, int MTILES, int THREADS = kThreads>
 __device__ __forceinline__ void store_block_output(const float* o_s, const float* m_s, const float* l_s, int nheads,
                                                    int64_t row0, int split, int num_splits, void* out, float* lse,
                                                    float* part_out, float* part_lse) {
-  for (int i = threadIdx.x; i < nheads * (D / 4); i += kThreads) {
+  for (int i = threadIdx.x; i < nheads * (D / 4); i += THREADS) {
     const int r = i / (D / 4), d = (i % (D / 4)) * 4;
     const int mt = r / 16, rr = r % 16;
     float mx = -INFINITY;
@@ -152,7 +153,7 @@ __device__ __forceinline__ void store_block_output(const float* o_s, const float
 
 // The end of a decode block: once every copy has landed (the ring is free), each warp leaves its
 // partial (o, m, l) of 16 head rows in shared memory (l summed over the quad first), then
-// store_block_output merges them. `column(n, c)` is the channel that column c (0..7) of output tile n
+// store_block_output merges them (the block is SLICES * MTILES warps). `column(n, c)` is the channel that column c (0..7) of output tile n
 // holds: the kernels may permute channels across fragments to make their operand loads contiguous.
 template <typename T, int D, int SLICES, int MTILES, int NT, typename Column>
 __device__ __forceinline__ void finish_block(unsigned char* smem, const float (&o)[NT][4], const float (&m)[2],
@@ -161,9 +162,10 @@ __device__ __forceinline__ void finish_block(unsigned char* smem, const float (&
                                              float* part_lse) {
   cp_async_wait<0>();
   __syncthreads();
-  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
-  float* m_s = o_s + kWarps * 16 * D;           // [kWarps][16]
-  float* l_s = m_s + kWarps * 16;               // [kWarps][16]
+  constexpr int WARPS = SLICES * MTILES;
+  float* o_s = reinterpret_cast<float*>(smem);  // [WARPS][16][D]
+  float* m_s = o_s + WARPS * 16 * D;            // [WARPS][16]
+  float* l_s = m_s + WARPS * 16;                // [WARPS][16]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
@@ -187,8 +189,8 @@ __device__ __forceinline__ void finish_block(unsigned char* smem, const float (&
     l_s[warp * 16 + g + 8] = l[1];
   }
   __syncthreads();
-  store_block_output<T, D, SLICES, MTILES>(o_s, m_s, l_s, nheads, row0, split, num_splits, out, lse, part_out,
-                                           part_lse);
+  store_block_output<T, D, SLICES, MTILES, WARPS * 32>(o_s, m_s, l_s, nheads, row0, split, num_splits, out, lse,
+                                                       part_out, part_lse);
 }
 
 // exp2(m - ref), with an empty partial (m = -inf) weighing 0 even when ref is -inf too.
@@ -292,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const float* par
 
 // Per (device, kernel): raises the kernel's dynamic shared-memory limit to `smem` once and caches SMs x
 // resident blocks. Also reports whether the device has programmatic dependent launch (compute 9+).
-inline int resident_blocks(const void* kernel, size_t smem, bool* has_pdl = nullptr) {
+inline int resident_blocks(const void* kernel, size_t smem, bool* has_pdl = nullptr, int threads = kThreads) {
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, std::pair<int, bool>> cache;
   int device = 0;
@@ -305,7 +307,7 @@ inline int resident_blocks(const void* kernel, size_t smem, bool* has_pdl = null
     int sms = 0, per_sm = 0, major = 0;
     KV_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     KV_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    KV_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    KV_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     it = cache.emplace(key, std::make_pair(sms * (per_sm > 0 ? per_sm : 1), major >= 9)).first;
   }
   if (has_pdl) *has_pdl = it->second.second;

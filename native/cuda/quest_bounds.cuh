@@ -25,11 +25,12 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 }
 
 // The A operand: rows [min(q, 0) | max(q, 0)] of `heads` query heads (q points at the first), zero
-// rows up to `rows` (a multiple of 16), 2D elements a row in swizzled 16-byte chunks.
-template <typename T, int D>
+// rows up to `rows` (a multiple of 16), 2D elements a row in swizzled 16-byte chunks. WARPS (here and
+// below): the block's warps, which share the work.
+template <typename T, int D, int WARPS>
 __device__ __forceinline__ void stage_bound_queries(const T* q, int heads, int rows, T* dst) {
   constexpr int HALF = D / 8;  // chunks of one half
-  for (int i = threadIdx.x; i < rows * 2 * HALF; i += kThreads) {
+  for (int i = threadIdx.x; i < rows * 2 * HALF; i += WARPS * 32) {
     const int r = i / (2 * HALF), c = i % (2 * HALF);
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (r < heads) {
@@ -48,13 +49,13 @@ __device__ __forceinline__ void stage_bound_queries(const T* q, int heads, int r
 
 // Copies the [lo | hi] rows of KV head h of `count` pages (ids in shared memory) into rows 0.. of
 // `dst`, and zeros up to the next multiple of 16 rows, so every tile the bound reads is defined.
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 __device__ __forceinline__ void copy_page_bounds(const T* meta, int kv_heads, int h, const int32_t* ids, int count,
                                                  T* dst) {
   constexpr int HALF = D / 8;
   const int rows = (count + 15) & ~15;
 #pragma unroll 4
-  for (int i = threadIdx.x; i < rows * 2 * HALF; i += kThreads) {
+  for (int i = threadIdx.x; i < rows * 2 * HALF; i += WARPS * 32) {
     const int r = i / (2 * HALF), c = i % (2 * HALF);
     const bool valid = r < count;
     const int64_t page = valid ? ids[r] : 0;
@@ -107,7 +108,7 @@ __device__ __forceinline__ void bound_16_pages(uint32_t q_base, uint32_t page_ba
 // ring of kBoundChunk pages (both stages in flight while the previous chunk is bounded); calls
 // put(i, bound) once per page i, from lanes 0..3 of the warp that bounded it. q_base holds the
 // staged queries (stage_bound_queries). Ends with a barrier and no copy in flight.
-template <typename T, int D, typename Put>
+template <typename T, int D, int WARPS, typename Put>
 __device__ __forceinline__ void bound_pages(const T* meta, int kv_heads, int h, const int32_t* ids, int count,
                                             uint32_t q_base, int mtiles, int heads, T* ring, Put put) {
   constexpr int CHUNK = kBoundChunk<D>;
@@ -115,7 +116,7 @@ __device__ __forceinline__ void bound_pages(const T* meta, int kv_heads, int h, 
   const int chunks = (count + CHUNK - 1) / CHUNK;
   auto issue = [&](int c) {
     if (c < chunks) {
-      copy_page_bounds<T, D>(meta, kv_heads, h, ids + c * CHUNK, min(CHUNK, count - c * CHUNK),
+      copy_page_bounds<T, D, WARPS>(meta, kv_heads, h, ids + c * CHUNK, min(CHUNK, count - c * CHUNK),
                              ring + (c & 1) * CHUNK * 2 * D);
     }
     cp_async_commit();
@@ -127,7 +128,7 @@ __device__ __forceinline__ void bound_pages(const T* meta, int kv_heads, int h, 
     __syncthreads();  // chunk c landed for every thread
     const int n = min(CHUNK, count - c * CHUNK);
     const uint32_t base = smem_addr(ring + (c & 1) * CHUNK * 2 * D);
-    for (int g = warp; g * 16 < n; g += kWarps) {
+    for (int g = warp; g * 16 < n; g += WARPS) {
       float best[2][2];
       bound_16_pages<T, D>(q_base, base, g * 16, mtiles, heads, best);
       if (lane < 4) {

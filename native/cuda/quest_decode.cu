@@ -8,13 +8,16 @@
 // row wait for each other only when the grid fits the GPU at once (S > 1 only then), so the wait
 // cannot deadlock.
 //
-// Where the time goes (H100, B=1, 32K tokens, 2048-token budget, S = 16; globaltimer stamps): the
-// first block starts 1.5 us after the previous kernel; bounding the 8.4 MB of metadata ends at
-// 7.4-8.2 us, the row counter at 8.5-9.0, the selection at 14-17 (each barrier-separated step of a
-// 4-warp block costs 0.5-2.5 us), the decode at 18-21, the merge at 22-24. The decode is not waiting
-// on DRAM: asking L2 for each slice's likely pages (rank estimated within the slice) while the row
-// meets left it as long and delayed the meeting by 1-1.5 us (measured 26.8 us against 24.6).
+// Where the time goes (H100, B=1, 32K tokens, 2048-token budget, S = 16, 8 warps; globaltimer stamps):
+// the first block starts 1.5 us after the previous kernel; bounding the 8.4 MB of metadata ends at
+// 7.4-7.9 us, the row counter at 8.5-9.0, the selection at 12.0-14.1 (each barrier-separated step
+// costs 0.3-1.5 us), the partial outputs at 17.7-19.5, the merge at 20.0-21.5. The decode is not
+// waiting on DRAM: asking L2 for each slice's likely pages (rank estimated within the slice) while
+// the row meets left it as long and delayed the meeting by 1-1.5 us (measured 26.8 us against 24.6).
+// The floor under this design is the memory traffic alone: bench/probes/quest-floor.cu moves the
+// same bytes in the same order with no arithmetic in 12.1 us (events included) against our 22.6.
 #include <algorithm>
+#include <tuple>
 
 #include "quest_bounds.cuh"
 #include "quest_decode.h"
@@ -25,12 +28,21 @@ namespace {
 
 // Page ids one block decodes at most (its shared-memory list).
 constexpr int kListPages = 1024;
-// Depth of each warp's K/V ring, in 16-token steps.
-constexpr int kWarpStages = 2;
+// Depth of each warp's K/V ring, in 16-token steps. With 8 warps a block's share of pages is one or
+// two steps a warp, and a second stage measured no faster (H100, 32K and 128K tokens, budgets 1024 to
+// 4096); one stage keeps the kernel within 99 KB of shared memory at D <= 128 (sm_86, sm_89).
+constexpr int kWarpStages = 1;
 // Query heads one block decodes (one m16 tile): larger GQA groups run the three ops instead.
 constexpr int kMaxGroup = 16;
 // Candidates of a row at most (8193 pages): their (key, page id) pairs fill 64 KB of the work area.
 constexpr int kMaxCandidates = 8192;
+// Warps of a block: the selection and decode phases are chains of dependent steps over the row's
+// candidates and the block's pages, so more warps shorten each (H100, B=1, D=128: 8 warps took 32K
+// tokens from 24.7 to 23.7 us and 128K from 44.5 to 38.1 at a 2048-token budget). D = 256 keeps 4:
+// its tiles are twice as large, and 8 warps were not measured there.
+template <int D>
+constexpr int kQuestWarps = D == 256 ? 4 : 8;
+constexpr int kMostQuestWarps = 8;
 // Splits per row at most, unless forced: more blocks bound faster, but each split adds a partial to
 // the merge and repeats the selection (measured at 32K tokens, B=1: 16 beat 8, 24 and 33).
 constexpr int kMaxAutoSplits = 16;
@@ -49,7 +61,7 @@ struct QuestDecodeArgs : DecodeIO {
 // What the phases keep in shared memory besides their arrays.
 struct PhaseShared {
   SelectShared select;
-  uint32_t warp_lo[kWarps], warp_hi[kWarps];
+  uint32_t warp_lo[kMostQuestWarps], warp_hi[kMostQuestWarps];
   int last_split;
 };
 
@@ -57,6 +69,7 @@ struct PhaseShared {
 // bounds' queries and metadata ring, then the warps' K/V rings, then the warps' partial outputs.
 template <int D>
 struct Layout {
+  static constexpr int kWarps = kQuestWarps<D>;
   static constexpr int kBounds = 16 * 2 * D * 2 + 2 * 32768;
   static constexpr int kDecode = kWarps * kWarpStages * 2 * 16 * D * 2;
   static constexpr int kFinish = (kWarps * 16 * D + 2 * kWarps * 16) * 4;
@@ -89,12 +102,14 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-// The last split of a row: each partial weighs exp2(its lse - the running max), folded in batches
-// of 16 splits whose loads are all in flight at once (each batch is a dependent L2 round trip).
+// The last split of a row: each partial weighs exp2(its lse - the max), folded in batches of 16
+// splits whose loads are all in flight at once (each batch is a dependent L2 round trip). A batch
+// takes its own max first, so its 16 weights are independent of each other (the running max
+// rescales the sum once a batch, not once a split).
 template <typename T, int D>
 __device__ __forceinline__ void merge_row(const QuestDecodeArgs& a, int b, int h, int splits) {
   constexpr int kBatch = 16;
-  for (int i = threadIdx.x; i < a.group * (D / 4); i += kThreads) {
+  for (int i = threadIdx.x; i < a.group * (D / 4); i += kQuestWarps<D> * 32) {
     const int r = i / (D / 4), d = (i % (D / 4)) * 4;
     const int64_t qrow = static_cast<int64_t>(b) * a.num_heads + h * a.group + r;
     const float* pl = a.part_lse + qrow * splits;
@@ -110,17 +125,22 @@ __device__ __forceinline__ void merge_row(const QuestDecodeArgs& a, int b, int h
         x[j] = s0 + j < splits ? __ldcg(pl + s) : -INFINITY;
         v[j] = __ldcg(reinterpret_cast<const float4*>(po + static_cast<int64_t>(s) * D));
       }
+      float nm = mx;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) nm = fmaxf(nm, x[j]);
+      const float old_w = weight(mx, nm);
+      den *= old_w;
+      acc = make_float4(acc.x * old_w, acc.y * old_w, acc.z * old_w, acc.w * old_w);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        const float nm = fmaxf(mx, x[j]);
-        const float old_w = weight(mx, nm), new_w = weight(x[j], nm);
-        den = den * old_w + new_w;
-        acc.x = acc.x * old_w + v[j].x * new_w;
-        acc.y = acc.y * old_w + v[j].y * new_w;
-        acc.z = acc.z * old_w + v[j].z * new_w;
-        acc.w = acc.w * old_w + v[j].w * new_w;
-        mx = nm;
+        const float w = weight(x[j], nm);
+        den += w;
+        acc.x += v[j].x * w;
+        acc.y += v[j].y * w;
+        acc.z += v[j].z * w;
+        acc.w += v[j].w * w;
       }
+      mx = nm;
     }
     const float inv = den > 0.f ? 1.f / den : 0.f;
     store4(static_cast<T*>(a.out) + qrow * D + d, make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
@@ -128,10 +148,11 @@ __device__ __forceinline__ void merge_row(const QuestDecodeArgs& a, int b, int h
   }
 }
 
-// Grid (splits, Hkv, B); 128 threads. T: element type; D: head dim.
+// Grid (splits, Hkv, B); kQuestWarps<D> warps. T: element type; D: head dim.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecodeArgs a) {
+__global__ void __launch_bounds__(kQuestWarps<D> * 32) quest_decode_kernel(const QuestDecodeArgs a) {
   using L = Layout<D>;
+  constexpr int WARPS = kQuestWarps<D>, THREADS = WARPS * 32;
   constexpr int NT = D / 8;  // 8-wide column tiles of the output
   extern __shared__ __align__(128) unsigned char smem[];
   int* hist = reinterpret_cast<int*>(smem + L::kHist);
@@ -156,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
   const int r1 = static_cast<int>(static_cast<int64_t>(split + 1) * kept / splits);
   const T* q = static_cast<const T*>(a.q) + (static_cast<int64_t>(b) * a.num_heads + h * a.group) * D;
 
-  for (int i = tid; i < 16 * (D / 8); i += kThreads) {
+  for (int i = tid; i < 16 * (D / 8); i += THREADS) {
     const int r = i / (D / 8), c = i % (D / 8);
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (r < a.group) v = *reinterpret_cast<const uint4*>(q + r * D + c * 8);
@@ -171,12 +192,12 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
     const int count = static_cast<int>(static_cast<int64_t>(split + 1) * candidates / splits) - c0;
     int32_t* slice_ids = hist;
     T* queries = reinterpret_cast<T*>(smem);
-    stage_bound_queries<T, D>(q, a.group, 16, queries);
-    for (int i = tid; i < count; i += kThreads) slice_ids[i] = a.indices[begin + c0 + i];
+    stage_bound_queries<T, D, WARPS>(q, a.group, 16, queries);
+    for (int i = tid; i < count; i += THREADS) slice_ids[i] = a.indices[begin + c0 + i];
     __syncthreads();
     uint2* row_candidates = a.candidates + static_cast<int64_t>(row) * a.candidate_stride;
     uint32_t lo = ~0u, hi = 0u;
-    bound_pages<T, D>(static_cast<const T*>(a.meta), a.num_kv_heads, h, slice_ids, count, smem_addr(queries), 1,
+    bound_pages<T, D, WARPS>(static_cast<const T*>(a.meta), a.num_kv_heads, h, slice_ids, count, smem_addr(queries), 1,
                       a.group, queries + 16 * 2 * D, [&](int i, float bound) {
                         const uint32_t key = order_key(bound);
                         row_candidates[c0 + i] = make_uint2(key, static_cast<uint32_t>(slice_ids[i]));
@@ -187,11 +208,11 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
     lo = __reduce_min_sync(0xffffffffu, lo);
     hi = __reduce_max_sync(0xffffffffu, hi);
     if (lane == 0) sh.warp_lo[warp] = lo, sh.warp_hi[warp] = hi;
-    for (int i = tid; i < kSelectBins / 4; i += kThreads) reinterpret_cast<int4*>(hist)[i] = make_int4(0, 0, 0, 0);
+    for (int i = tid; i < kSelectBins / 4; i += THREADS) reinterpret_cast<int4*>(hist)[i] = make_int4(0, 0, 0, 0);
     __syncthreads();
     if (tid == 0) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) lo = min(lo, sh.warp_lo[w]), hi = max(hi, sh.warp_hi[w]);
+      for (int w = 0; w < WARPS; ++w) lo = min(lo, sh.warp_lo[w]), hi = max(hi, sh.warp_hi[w]);
       a.slice_ranges[row * splits + split] = make_uint2(lo, hi);
       if (splits > 1) {
         unsigned* bounded = a.counters + 2 * row;
@@ -206,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
     // The row's (key, page id) pairs into the work area (free between bounding and decoding), while
     // the slices' key ranges are read.
     uint2* pairs = reinterpret_cast<uint2*>(smem);
-    for (int i = tid; i < (candidates + 1) / 2; i += kThreads) {
+    for (int i = tid; i < (candidates + 1) / 2; i += THREADS) {
       cp_async16(smem_addr(pairs + 2 * i), row_candidates + 2 * i, true);
     }
     cp_async_commit();
@@ -220,12 +241,12 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
     hi = __reduce_max_sync(0xffffffffu, hi);
     cp_async_wait<0>();
     __syncthreads();
-    const Threshold th = select_threshold<kWarps>(pairs, candidates, a.budget - 1, lo, hi, hist, sh.select);
-    place_taken<kWarps>(pairs, candidates, th, sh.select.warp_totals, [&](int j, int slot) {
+    const Threshold th = select_threshold<WARPS>(pairs, candidates, a.budget - 1, lo, hi, hist, sh.select);
+    place_taken<WARPS>(pairs, candidates, th, sh.select.warp_totals, [&](int j, int slot) {
       if (slot >= r0 && slot < r1) list[slot - r0] = static_cast<int32_t>(pairs[j].y);
     });
   } else if (!selects) {
-    for (int i = tid; i < r1 - r0; i += kThreads) list[i] = a.indices[begin + r0 + i];
+    for (int i = tid; i < r1 - r0; i += THREADS) list[i] = a.indices[begin + r0 + i];
   }
   // The last page is always kept, ranked last.
   if (selects && tid == 0 && r1 == kept) list[kept - 1 - r0] = last_page;
@@ -265,11 +286,11 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
   const uint32_t q_base = smem_addr(q_tile);
 #pragma unroll
   for (int s = 0; s < kWarpStages; ++s) {
-    if (warp + s * kWarps < steps) issue(warp + s * kWarps, s);
+    if (warp + s * WARPS < steps) issue(warp + s * WARPS, s);
     cp_async_commit();
   }
-  for (int it = 0; warp + it * kWarps < steps; ++it) {
-    const int step = warp + it * kWarps, stage = it % kWarpStages;
+  for (int it = 0; warp + it * WARPS < steps; ++it) {
+    const int step = warp + it * WARPS, stage = it % kWarpStages;
     cp_async_wait<kWarpStages - 1>();
     __syncwarp();
     const uint32_t k_base = smem_addr(ring + stage * 2 * 16 * D);
@@ -293,12 +314,12 @@ __global__ void __launch_bounds__(kThreads) quest_decode_kernel(const QuestDecod
       Elem<T>::mma(o[2 * jj + 1], pa, vb[2], vb[3]);
     }
     __syncwarp();  // every lane is done with the stage before it is refilled
-    const int next = step + kWarpStages * kWarps;
+    const int next = step + kWarpStages * WARPS;
     if (next < steps) issue(next, stage);
     cp_async_commit();
   }
 
-  finish_block<T, D, kWarps, 1>(smem, o, m, l, [](int j, int c) { return j * 8 + c; }, a.group,
+  finish_block<T, D, WARPS, 1>(smem, o, m, l, [](int j, int c) { return j * 8 + c; }, a.group,
                                 static_cast<int64_t>(b) * a.num_heads + h * a.group, split, splits, a.out, a.lse,
                                 a.part_out, a.part_lse);
   if (splits == 1) return;
@@ -324,16 +345,17 @@ struct Plan {
   bool fused;
   Kernel kernel;
   size_t smem;
+  int threads;
   int splits;
   int candidate_stride;
 };
 
 template <typename T>
-std::pair<Kernel, size_t> choose_dim(int head_dim) {
+std::tuple<Kernel, size_t, int> choose_dim(int head_dim) {
   switch (head_dim) {
-    case 64: return {quest_decode_kernel<T, 64>, Layout<64>::kBytes};
-    case 128: return {quest_decode_kernel<T, 128>, Layout<128>::kBytes};
-    default: return {quest_decode_kernel<T, 256>, Layout<256>::kBytes};
+    case 64: return {quest_decode_kernel<T, 64>, Layout<64>::kBytes, kQuestWarps<64> * 32};
+    case 128: return {quest_decode_kernel<T, 128>, Layout<128>::kBytes, kQuestWarps<128> * 32};
+    default: return {quest_decode_kernel<T, 256>, Layout<256>::kBytes, kQuestWarps<256> * 32};
   }
 }
 
@@ -347,10 +369,16 @@ Plan make_plan(const QuestDecodeParams& p) {
   plan.fused = group <= kMaxGroup && (d == 64 || d == 128 || d == 256) && candidates <= kMaxCandidates &&
                (p.dtype == DType::BF16 || p.dtype == DType::F16);
   if (!plan.fused) return plan;
-  std::tie(plan.kernel, plan.smem) =
+  std::tie(plan.kernel, plan.smem, plan.threads) =
       p.dtype == DType::BF16 ? choose_dim<__nv_bfloat16>(d) : choose_dim<__half>(d);
+  // Parts with less shared memory a block (sm_86 and sm_89: 99 KB) run the three ops instead.
+  int device = 0, smem_limit = 0;
+  KV_CUDA(cudaGetDevice(&device));
+  KV_CUDA(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  plan.fused = plan.smem <= static_cast<size_t>(smem_limit);
+  if (!plan.fused) return plan;
   // Splits wait for each other: only as many as the GPU holds at once (one wave).
-  const int64_t slots = resident_blocks(reinterpret_cast<const void*>(plan.kernel), plan.smem);
+  const int64_t slots = resident_blocks(reinterpret_cast<const void*>(plan.kernel), plan.smem, nullptr, plan.threads);
   const int64_t most = std::max<int64_t>(1, slots / rows);
   plan.splits = static_cast<int>(std::min<int64_t>(p.splits > 0 ? p.splits : kMaxAutoSplits, most));
   // Each block's slice ids share the histogram, its decoded pages a list of kListPages.
@@ -403,7 +431,7 @@ void launch_quest_decode(const QuestDecodeParams& p, void* workspace, unsigned* 
                aligned(p.out, 8) && aligned(workspace, 256),
            Unsupported, "the Quest decode needs 16-byte-aligned q, pages, metadata and workspace, 8-byte-aligned out");
   bool has_pdl = false;
-  resident_blocks(reinterpret_cast<const void*>(plan.kernel), plan.smem, &has_pdl);
+  resident_blocks(reinterpret_cast<const void*>(plan.kernel), plan.smem, &has_pdl, plan.threads);
   const WorkspaceParts parts = workspace_parts(p, plan);
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   QuestDecodeArgs a{};
@@ -419,7 +447,7 @@ void launch_quest_decode(const QuestDecodeParams& p, void* workspace, unsigned* 
   a.candidate_stride = plan.candidate_stride;
   a.budget = p.budget;
   const dim3 grid(plan.splits, p.shape.num_kv_heads, p.batch);
-  launch_programmatic(plan.kernel, grid, dim3(kThreads), plan.smem, has_pdl, stream, a);
+  launch_programmatic(plan.kernel, grid, dim3(plan.threads), plan.smem, has_pdl, stream, a);
   check_launch("quest_decode_kernel");
 }
 

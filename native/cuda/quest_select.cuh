@@ -82,28 +82,29 @@ struct SelectShared {
 
 // Block-wide (WARPS warps): after a pass histogrammed the `bits`-wide digit at bit `bottom`,
 // narrows th to the bin, counted from the top, where the running count reaches th.remaining. Thread
-// t owns the 32 bins that come t-th from the top: a block scan of the owners' sums finds the owner,
+// t owns the OWN bins that come t-th from the top: a block scan of the owners' sums finds the owner,
 // which walks its bins from registers; every owner zeroes its bins for the next pass. The caller
 // reads sh.threshold after a barrier.
 template <int WARPS>
 __device__ __forceinline__ void narrow_to_bin_block(int* hist, int bottom, int bits, Threshold th, SelectShared& sh) {
-  static_assert(WARPS * 32 * 32 == kSelectBins, "each thread owns 32 bins");
-  const int base = kSelectBins - 32 * (threadIdx.x + 1);
+  constexpr int OWN = kSelectBins / (WARPS * 32);
+  static_assert(OWN % 4 == 0 && OWN * WARPS * 32 == kSelectBins, "each thread owns whole int4s of bins");
+  const int base = kSelectBins - OWN * (threadIdx.x + 1);
   int4* mine = reinterpret_cast<int4*>(hist + base);
-  int4 c[8];
+  int4 c[OWN / 4];
   int total = 0;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < OWN / 4; ++i) {
     c[i] = mine[i];
     total += c[i].x + c[i].y + c[i].z + c[i].w;
   }
   const int before = block_exclusive_sum<WARPS>(make_int2(total, 0), sh.warp_totals).x;
   if (before < th.remaining && before + total >= th.remaining) {
-    // Bins base + 31 down to base, highest first.
+    // Bins base + OWN - 1 down to base, highest first.
     int above = before, bin = 0, count = 0;
     bool found = false;
 #pragma unroll
-    for (int i = 31; i >= 0; --i) {
+    for (int i = OWN - 1; i >= 0; --i) {
       const int4 q = c[i / 4];
       const int n = (i % 4 == 0) ? q.x : (i % 4 == 1) ? q.y : (i % 4 == 2) ? q.z : q.w;
       if (!found && above + n >= th.remaining) found = true, bin = base + i, count = n;
@@ -113,7 +114,7 @@ __device__ __forceinline__ void narrow_to_bin_block(int* hist, int bottom, int b
                     th.remaining - above, count};
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) mine[i] = make_int4(0, 0, 0, 0);
+  for (int i = 0; i < OWN / 4; ++i) mine[i] = make_int4(0, 0, 0, 0);
 }
 
 // Block-wide (WARPS warps): the threshold of the k largest of `total` candidates (0 < k < total),
