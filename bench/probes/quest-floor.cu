@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const ProbeArgs a) {
       __syncthreads();
       for (int j = tid; j < n * per_page; j += kThreads) {
         const int64_t page = meta_ids[q0 + j / per_page];
-        const char* src = a.per_head ? a.meta + ((page * 2 + j % per_page) * kKvHeads + h) * kRow : a.meta + page * piece;
+        const char* src =
+            a.per_head ? a.meta + ((page * 2 + j % per_page) * kKvHeads + h) * kRow : a.meta + page * piece;
         bulk_copy(smem(sm + j * piece), src, piece, bar);
       }
       mbar_wait(bar, phase);
@@ -244,7 +245,8 @@ int main() {
       full.kv.indices_host = order.data();
       full.kv.last_page_len_host = last_host.data();
       KV_CHECK(cuda::paged_decode_workspace_bytes(full) <= (64u << 20), Range, "probe workspace too small");
-      const double full_us = time_us(stream, flush, flush_bytes, [&] { cuda::launch_paged_decode(full, workspace.p, stream); });
+      const double full_us =
+          time_us(stream, flush, flush_bytes, [&] { cuda::launch_paged_decode(full, workspace.p, stream); });
 
       for (const int budget_tokens : {1024, 2048, 4096}) {
         unsigned launch = 0;

@@ -153,8 +153,9 @@ __device__ __forceinline__ void store_block_output(const float* o_s, const float
 
 // The end of a decode block: once every copy has landed (the ring is free), each warp leaves its
 // partial (o, m, l) of 16 head rows in shared memory (l summed over the quad first), then
-// store_block_output merges them (the block is SLICES * MTILES warps). `column(n, c)` is the channel that column c (0..7) of output tile n
-// holds: the kernels may permute channels across fragments to make their operand loads contiguous.
+// store_block_output merges them (the block is SLICES * MTILES warps). `column(n, c)` is the channel
+// that column c (0..7) of output tile n holds: the kernels may permute channels across fragments to
+// make their operand loads contiguous.
 template <typename T, int D, int SLICES, int MTILES, int NT, typename Column>
 __device__ __forceinline__ void finish_block(unsigned char* smem, const float (&o)[NT][4], const float (&m)[2],
                                              float (&l)[2], Column column, int nheads, int64_t row0, int split,

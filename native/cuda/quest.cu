@@ -56,12 +56,12 @@ __global__ void __launch_bounds__(kThreads) quest_scores_kernel(const QuestScore
   T* queries = reinterpret_cast<T*>(smem);          // [mtiles * 16][2D]
   T* ring = queries + mtiles * 16 * 2 * D;          // [2][kBoundChunk][2D]
   int32_t* ids = reinterpret_cast<int32_t*>(ring + 2 * kBoundChunk<D> * 2 * D);  // [slice]
-  stage_bound_queries<T, D, kWarps>(static_cast<const T*>(p.q) + (int64_t(b) * p.shape.num_q_heads + h * group) * D, group,
-                            mtiles * 16, queries);
+  stage_bound_queries<T, D, kWarps>(static_cast<const T*>(p.q) + (int64_t(b) * p.shape.num_q_heads + h * group) * D,
+                                    group, mtiles * 16, queries);
   for (int i = threadIdx.x; i < count; i += kThreads) ids[i] = p.kv.indices[begin + i];
   __syncthreads();
-  bound_pages<T, D, kWarps>(static_cast<const T*>(p.meta), kv_heads, h, ids, count, smem_addr(queries), mtiles, group, ring,
-                    [&](int i, float bound) { p.scores[int64_t(begin + i) * kv_heads + h] = bound; });
+  bound_pages<T, D, kWarps>(static_cast<const T*>(p.meta), kv_heads, h, ids, count, smem_addr(queries), mtiles, group,
+                            ring, [&](int i, float bound) { p.scores[int64_t(begin + i) * kv_heads + h] = bound; });
 }
 
 constexpr int kTopkThreads = 512;

@@ -117,7 +117,7 @@ __device__ __forceinline__ void bound_pages(const T* meta, int kv_heads, int h, 
   auto issue = [&](int c) {
     if (c < chunks) {
       copy_page_bounds<T, D, WARPS>(meta, kv_heads, h, ids + c * CHUNK, min(CHUNK, count - c * CHUNK),
-                             ring + (c & 1) * CHUNK * 2 * D);
+                                    ring + (c & 1) * CHUNK * 2 * D);
     }
     cp_async_commit();
   };

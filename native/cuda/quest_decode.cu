@@ -198,12 +198,12 @@ __global__ void __launch_bounds__(kQuestWarps<D> * 32) quest_decode_kernel(const
     uint2* row_candidates = a.candidates + static_cast<int64_t>(row) * a.candidate_stride;
     uint32_t lo = ~0u, hi = 0u;
     bound_pages<T, D, WARPS>(static_cast<const T*>(a.meta), a.num_kv_heads, h, slice_ids, count, smem_addr(queries), 1,
-                      a.group, queries + 16 * 2 * D, [&](int i, float bound) {
-                        const uint32_t key = order_key(bound);
-                        row_candidates[c0 + i] = make_uint2(key, static_cast<uint32_t>(slice_ids[i]));
-                        lo = min(lo, key);
-                        hi = max(hi, key);
-                      });
+                             a.group, queries + 16 * 2 * D, [&](int i, float bound) {
+                               const uint32_t key = order_key(bound);
+                               row_candidates[c0 + i] = make_uint2(key, static_cast<uint32_t>(slice_ids[i]));
+                               lo = min(lo, key);
+                               hi = max(hi, key);
+                             });
     // bound_pages ended at a barrier: the ids are dead, the histogram's memory is free.
     lo = __reduce_min_sync(0xffffffffu, lo);
     hi = __reduce_max_sync(0xffffffffu, hi);
