@@ -10,12 +10,12 @@
 //
 // Where the time goes (H100, B=1, 32K tokens, 2048-token budget, S = 16, 8 warps; globaltimer stamps):
 // the first block starts 1.5 us after the previous kernel; bounding the 8.4 MB of metadata ends at
-// 7.4-7.9 us, the row counter at 8.5-9.0, the selection at 12.0-14.1 (each barrier-separated step
-// costs 0.3-1.5 us), the partial outputs at 17.7-19.5, the merge at 20.0-21.5. The decode is not
+// 7.4-7.9 us, the row counter at 8.5-9.0, the selection at 12.0-13.8 (each barrier-separated step
+// costs 0.3-1.5 us), the partial outputs at 17.4-19.2, the merge at 20.0-21.3. The decode is not
 // waiting on DRAM: asking L2 for each slice's likely pages (rank estimated within the slice) while
 // the row meets left it as long and delayed the meeting by 1-1.5 us (measured 26.8 us against 24.6).
 // The floor under this design is the memory traffic alone: bench/probes/quest-floor.cu moves the
-// same bytes in the same order with no arithmetic in 12.1 us (events included) against our 22.6.
+// same bytes in the same order with no arithmetic in 12.2 us (events included) against our 22.5.
 #include <algorithm>
 #include <tuple>
 
@@ -183,7 +183,6 @@ __global__ void __launch_bounds__(kQuestWarps<D> * 32) quest_decode_kernel(const
     if (r < a.group) v = *reinterpret_cast<const uint4*>(q + r * D + c * 8);
     *reinterpret_cast<uint4*>(q_tile + swz<D>(r, c)) = v;
   }
-  if (tid == 0) sh.select.member_count = 0;
 
   if (selects && a.budget > 1) {
     // ---- bounds of this split's slice of the candidates (every page but the last) ----

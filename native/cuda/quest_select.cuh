@@ -71,13 +71,18 @@ __device__ __forceinline__ void rank_bin_members(const uint32_t* member_key, con
   if (lane < th.count && rank == th.remaining - 1) *out = {key, ~0u, ties_through, 0};
 }
 
+// A digit bin holding at most this many keys is gathered after its pass: when its keys are all equal
+// (ties: duplicate pages) the threshold is found without more passes.
+constexpr int kGatherBin = 256;
+
 // What select_threshold keeps in shared memory besides its histogram.
 struct SelectShared {
   Threshold threshold;
   int2 warp_totals[32];
-  uint32_t member_key[kRankWarp];
-  int member_index[kRankWarp];
-  int member_count;  // zero before the first select_threshold
+  uint32_t member_key[kGatherBin];
+  int member_index[kGatherBin];
+  int member_count;
+  uint32_t member_lo, member_hi;  // the gathered keys' range
 };
 
 // Block-wide (WARPS warps): after a pass histogrammed the `bits`-wide digit at bit `bottom`,
@@ -119,10 +124,14 @@ __device__ __forceinline__ void narrow_to_bin_block(int* hist, int bottom, int b
 
 // Block-wide (WARPS warps): the threshold of the k largest of `total` candidates (0 < k < total),
 // whose (order key, page id) pairs are cand[0 .. total) in shared memory and whose keys all lie in
-// [lo, hi]. `hist` (kSelectBins ints) is zero on entry and on return.
+// [lo, hi]. `hist` (kSelectBins ints) is zero on entry and on return. After each pass a bin of at
+// most kGatherBin keys is gathered (warp ballots, one atomic a warp): all equal, it is the threshold;
+// at most kRankWarp, one warp ranks them; else the next pass narrows it.
 template <int WARPS>
 __device__ __forceinline__ Threshold select_threshold(const uint2* cand, int total, int k, uint32_t lo, uint32_t hi,
                                                       int* hist, SelectShared& sh) {
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) sh.member_count = 0, sh.member_lo = ~0u, sh.member_hi = 0u;  // ordered by the pass's barrier
   int top = 32 - __clz(lo ^ hi);  // bits above `top` are the same in every key
   const uint32_t common = top == 32 ? 0u : ~0u << top;
   Threshold th{hi & common, common, k, total};
@@ -139,21 +148,37 @@ __device__ __forceinline__ Threshold select_threshold(const uint2* cand, int tot
     __syncthreads();
     th = sh.threshold;
     top = bottom;
-    if (top > 0 && th.count > th.remaining && th.count <= kRankWarp) {
-      for (int j = threadIdx.x; j < total; j += WARPS * 32) {
-        const uint32_t key = cand[j].x;
-        if ((key & th.mask) == th.prefix) {
-          const int slot = atomicAdd(&sh.member_count, 1);
+    if (top > 0 && th.count > th.remaining && th.count <= kGatherBin) {
+      for (int j0 = 0; j0 < total; j0 += WARPS * 32) {  // warp-uniform trip count: the ballots see every lane
+        const int j = j0 + threadIdx.x;
+        const uint32_t key = j < total ? cand[j].x : 0u;
+        const bool member = j < total && (key & th.mask) == th.prefix;
+        const uint32_t members = __ballot_sync(0xffffffffu, member);
+        if (members == 0u) continue;
+        int base = 0;
+        if (lane == 0) base = atomicAdd(&sh.member_count, __popc(members));
+        base = __shfl_sync(0xffffffffu, base, 0);
+        if (member) {
+          const int slot = base + __popc(members & ((1u << lane) - 1u));
           sh.member_key[slot] = key;
           sh.member_index[slot] = j;
+          atomicMin(&sh.member_lo, key);
+          atomicMax(&sh.member_hi, key);
         }
       }
       __syncthreads();
-      if (threadIdx.x < 32) rank_bin_members(sh.member_key, sh.member_index, th, &sh.threshold);
-      __syncthreads();
-      th = sh.threshold;
-      if (threadIdx.x == 0) sh.member_count = 0;  // read by no one until the next selection's barriers
-      break;
+      if (sh.member_lo == sh.member_hi) {
+        th = {sh.member_lo, ~0u, th.remaining, th.count};  // one key: take the first `remaining` of its copies
+        break;
+      }
+      if (th.count <= kRankWarp) {
+        if (threadIdx.x < 32) rank_bin_members(sh.member_key, sh.member_index, th, &sh.threshold);
+        __syncthreads();
+        th = sh.threshold;
+        break;
+      }
+      __syncthreads();  // every thread has read the range before the next gather resets it
+      if (threadIdx.x == 0) sh.member_count = 0, sh.member_lo = ~0u, sh.member_hi = 0u;
     }
   }
   return th;

@@ -2,10 +2,30 @@
 import { describe, expect, it } from 'vitest';
 
 import { ops, Tensor } from '../../lib/index';
-import { maxAbsDiff, normal, pagedCache, rng } from '../attention-fixtures';
+import { maxAbsDiff, normal, pagedCache, type PagedCache, rng } from '../attention-fixtures';
 import { quantizedCache } from '../quant-fixtures';
 
 const device = 'cuda:0' as const;
+
+/** One Quest decode's inputs on the GPU and on the CPU: pools, queries, metadata built over the table. */
+function decodeInputs(cache: PagedCache, keys: Float32Array, queries: Float32Array, heads: number, kvHeads: number, dim: number, dtype: 'bf16' | 'f16') {
+  const shape = [cache.numPages, cache.pageSize, kvHeads, dim];
+  const opts = { dtype, device } as const;
+  const kPages = Tensor.fromArray(keys, shape, opts);
+  const vPages = Tensor.fromArray(cache.vPages, shape, opts);
+  const q = Tensor.fromArray(queries, [cache.lastPageLen.length, heads, dim], opts);
+  const [kc, vc, qc] = [kPages.to('cpu'), vPages.to('cpu'), q.to('cpu')];
+  const [meta, metaC] = [ops.createQuestMeta(kPages), ops.createQuestMeta(kc)];
+  const table = new ops.StagedPageTable(cache, device);
+  ops.buildQuestMeta(kPages, meta, table);
+  ops.buildQuestMeta(kc, metaC, cache);
+  const owned = [kPages, vPages, q, kc, vc, qc, meta, metaC, table];
+  return {
+    gpu: { q, pages: { kPages, vPages }, meta, table },
+    cpu: { q: qc, pages: { kPages: kc, vPages: vc }, meta: metaC, table: cache },
+    [Symbol.dispose]: () => owned.forEach((x) => x.dispose()),
+  };
+}
 
 describe('Quest on CUDA', () => {
   for (const dim of [64, 128, 256]) {
@@ -125,26 +145,15 @@ describe('Quest on CUDA', () => {
     it(`decodes in one op as the CPU reference does (${c.name})`, async () => {
       const random = rng(800 + c.dim + c.heads);
       const cache = pagedCache(c.lengths, c.pageSize, c.kvHeads, c.dim, random);
-      const shape = [cache.numPages, c.pageSize, c.kvHeads, c.dim];
       const keys = cache.kPages.map((x) => Math.round(2 * x));
       const queries = normal(c.lengths.length * c.heads * c.dim, random).map((x) => Math.round(2 * x) / 4);
-      const opts = { dtype: c.dtype, device } as const;
-      using kPages = Tensor.fromArray(keys, shape, opts);
-      using vPages = Tensor.fromArray(cache.vPages, shape, opts);
-      using q = Tensor.fromArray(queries, [c.lengths.length, c.heads, c.dim], opts);
-      using kc = kPages.to('cpu');
-      using vc = vPages.to('cpu');
-      using qc = q.to('cpu');
-      using meta = ops.createQuestMeta(kPages);
-      using metaC = ops.createQuestMeta(kc);
-      using table = new ops.StagedPageTable(cache, device);
-      ops.buildQuestMeta(kPages, meta, table);
-      ops.buildQuestMeta(kc, metaC, cache);
+      using inputs = decodeInputs(cache, keys, queries, c.heads, c.kvHeads, c.dim, c.dtype);
+      const { gpu: g, cpu: h } = inputs;
       for (const budget of [1, 2, 3, 7, 64, 1000]) {
-        const cpu = ops.questDecodeAttention(qc, { kPages: kc, vPages: vc }, metaC, cache, budget, { returnLse: true });
+        const cpu = ops.questDecodeAttention(h.q, h.pages, h.meta, h.table, budget, { returnLse: true });
         const [co, cl] = [(await cpu.out.toArray()) as Float32Array, (await cpu.lse!.toArray()) as Float32Array];
         for (const splits of [0, 1, 3]) {
-          const gpu = ops.questDecodeAttention(q, { kPages, vPages }, meta, table, budget, { returnLse: true, splits });
+          const gpu = ops.questDecodeAttention(g.q, g.pages, g.meta, g.table, budget, { returnLse: true, splits });
           expect(maxAbsDiff((await gpu.out.toArray()) as Float32Array, co), `budget ${budget} splits ${splits}`).toBeLessThan(2e-2);
           expect(maxAbsDiff((await gpu.lse!.toArray()) as Float32Array, cl), `budget ${budget} splits ${splits}`).toBeLessThan(2e-3);
           gpu.out.dispose();
@@ -155,6 +164,32 @@ describe('Quest on CUDA', () => {
       }
     });
   }
+
+  // Every physical page's keys copy one of 24 pages, so each bound is tied with its copies (as in
+  // duplicated prompts): the threshold often falls inside a bin of equal keys, which the selection
+  // settles without ranking, taking the earliest copies in page order as the CPU's stable sort does.
+  // The values differ between copies, so taking a different copy would change the output.
+  it('decodes in one op as the CPU reference does when pages repeat (bounds tied 8 to 64 ways)', async () => {
+    const random = rng(1234);
+    const [heads, kvHeads, dim, pageSize, distinct] = [16, 4, 128, 16, 24];
+    const lengths = [3000, 24000, 190];
+    const cache = pagedCache(lengths, pageSize, kvHeads, dim, random);
+    const pageElems = pageSize * kvHeads * dim;
+    const keys = new Float32Array(cache.kPages.length);
+    for (let page = 0; page < cache.numPages; page++) {
+      const from = (page % distinct) * pageElems;
+      for (let i = 0; i < pageElems; i++) keys[page * pageElems + i] = Math.round(2 * cache.kPages[from + i]!);
+    }
+    const queries = normal(lengths.length * heads * dim, random).map((x) => Math.round(2 * x) / 4);
+    using inputs = decodeInputs(cache, keys, queries, heads, kvHeads, dim, 'bf16');
+    const { gpu: g, cpu: h } = inputs;
+    for (const budget of [2, 5, 13, 64, 128, 300]) {
+      using cpu = ops.questDecodeAttention(h.q, h.pages, h.meta, h.table, budget).out;
+      using gpu = ops.questDecodeAttention(g.q, g.pages, g.meta, g.table, budget).out;
+      const co = (await cpu.toArray()) as Float32Array;
+      expect(maxAbsDiff((await gpu.toArray()) as Float32Array, co), `budget ${budget}`).toBeLessThan(2e-2);
+    }
+  });
 
   for (const [format, dim] of [['int4', 128], ['int8', 64]] as const) {
     it(`over a quantized layer (${format}, D=${dim}): metadata, scores and sparse decode match the reference`, async () => {
