@@ -13,7 +13,8 @@
 //   gather    each (KV head, split) block copies the K and V rows of its share of the chosen pages
 //             (budget / 16 pages a KV head, spread over the sequence; scattered like any table's).
 // "chain" is all three in one launch, "chain per KV head" meets per KV head over that head's
-// metadata rows only (the fused kernel's shape). Each phase alone is timed too.
+// metadata rows only (the fused kernel's shape), "chain, 8-bit metadata" reads half the metadata
+// bytes (what an 8-bit min/max format, rounded outward, would store). Each phase alone is timed too.
 //
 // Build and run from the repository root (prints one JSON object):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Inative -Inative/cuda \
@@ -65,6 +66,7 @@ struct ProbeArgs {
   const char* v;
   unsigned* counters;      // [1 + Hkv], only ever counting up
   unsigned launch;         // this launch's number: the meet waits for launch x members
+  int meta_row;            // bytes of one lo or hi row of one KV head: 2D (bf16) or D (an 8-bit format)
   int metadata, per_head, meet, gather;
 };
 
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const ProbeArgs a) {
 
   if (a.metadata) {
     // Whole pages (all KV heads' lo and hi rows, contiguous), or KV head h's lo and hi rows.
-    const int piece = a.per_head ? kRow : 2 * kKvHeads * kRow, per_page = a.per_head ? 2 : 1;
+    const int piece = a.per_head ? a.meta_row : 2 * kKvHeads * a.meta_row, per_page = a.per_head ? 2 : 1;
     const int per_batch = kBatchBytes / (piece * per_page);
     for (int q0 = 0; q0 < p1 - p0; q0 += per_batch) {
       const int n = min(p1 - p0 - q0, per_batch);
@@ -110,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const ProbeArgs a) {
       for (int j = tid; j < n * per_page; j += kThreads) {
         const int64_t page = meta_ids[q0 + j / per_page];
         const char* src =
-            a.per_head ? a.meta + ((page * 2 + j % per_page) * kKvHeads + h) * kRow : a.meta + page * piece;
+            a.per_head ? a.meta + ((page * 2 + j % per_page) * kKvHeads + h) * a.meta_row : a.meta + page * piece;
         bulk_copy(smem(sm + j * piece), src, piece, bar);
       }
       mbar_wait(bar, phase);
@@ -250,24 +252,27 @@ int main() {
 
       for (const int budget_tokens : {1024, 2048, 4096}) {
         unsigned launch = 0;
-        auto probe = [&](int metadata, int per_head, int meet, int gather) {
+        auto probe = [&](int metadata, int per_head, int meet, int gather, int meta_row = 2 * kHeadDim) {
           CK(cudaMemset(counters.p, 0, 64 * sizeof(unsigned)));
           launch = 0;
           return time_us(stream, flush, flush_bytes, [&] {
             const ProbeArgs a{indices.as<int32_t>(), pages, budget_tokens / kPageSize, meta.as<char>(), k.as<char>(),
-                              v.as<char>(), counters.as<unsigned>(), ++launch, metadata, per_head, meet, gather};
+                              v.as<char>(), counters.as<unsigned>(), ++launch, meta_row, metadata, per_head, meet,
+                              gather};
             probe_kernel<<<kBlocks, kThreads, probe_smem, stream>>>(a);
             CK(cudaGetLastError());
           });
         };
         const double metadata = probe(1, 0, 0, 0), meet = probe(0, 0, 1, 0), gather = probe(0, 0, 0, 1);
         const double chain = probe(1, 0, 1, 1), chain_per_head = probe(1, 1, 1, 1);
-        char row[512];
+        const double chain_8bit = probe(1, 0, 1, 1, kHeadDim);
+        char row[640];
         snprintf(row, sizeof row,
                  "%s{\"length\":%d,\"budgetTokens\":%d,\"fullUs\":%.2f,\"chainUs\":%.2f,\"chainPerKvHeadUs\":%.2f,"
-                 "\"ceilingSpeedup\":%.2f,\"aloneUs\":{\"metadata\":%.2f,\"meet\":%.2f,\"gather\":%.2f}}",
+                 "\"ceilingSpeedup\":%.2f,\"chain8bitMetadataUs\":%.2f,\"ceilingSpeedup8bitMetadata\":%.2f,"
+                 "\"aloneUs\":{\"metadata\":%.2f,\"meet\":%.2f,\"gather\":%.2f}}",
                  results.empty() ? "" : ",", length, budget_tokens, full_us, chain, chain_per_head,
-                 full_us / std::min(chain, chain_per_head), metadata, meet, gather);
+                 full_us / std::min(chain, chain_per_head), chain_8bit, full_us / chain_8bit, metadata, meet, gather);
         results += row;
       }
     }

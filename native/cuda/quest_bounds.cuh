@@ -6,6 +6,9 @@
 // query row [min(q, 0) | max(q, 0)] and the page row [lo | hi]: one m16n8k16 product bounds 8 pages
 // for 16 query heads over 16 of those channels. The tensor cores take the arithmetic (about a
 // microsecond of CUDA-core work per SM at 32K tokens) off the path of the metadata streaming in.
+// The metadata streams in by 16-byte cp.async: Hopper's bulk copies (one per half row, on an
+// mbarrier a ring stage, into padded rows) measured slower in the fused decode (H100, B=1, 2048-token
+// budget: 128K tokens 39.5 us against 36.7, 32K 22.6 against 22.4).
 #pragma once
 #include "decode_common.cuh"
 #include "scalar.cuh"

@@ -15,7 +15,7 @@
 // waiting on DRAM: asking L2 for each slice's likely pages (rank estimated within the slice) while
 // the row meets left it as long and delayed the meeting by 1-1.5 us (measured 26.8 us against 24.6).
 // The floor under this design is the memory traffic alone: bench/probes/quest-floor.cu moves the
-// same bytes in the same order with no arithmetic in 12.2 us (events included) against our 22.5.
+// same bytes in the same order with no arithmetic in 12.3 us (events included) against our 22.5.
 #include <algorithm>
 #include <tuple>
 
