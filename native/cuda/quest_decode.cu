@@ -42,7 +42,7 @@ constexpr int kMaxCandidates = 8192;
 // its tiles are twice as large, and 8 warps were not measured there.
 template <int D>
 constexpr int kQuestWarps = D == 256 ? 4 : 8;
-constexpr int kMostQuestWarps = 8;
+constexpr int kMostQuestWarps = 8;  // sizes the per-warp arrays of PhaseShared
 // Splits per row at most, unless forced: more blocks bound faster, but each split adds a partial to
 // the merge and repeats the selection (measured at 32K tokens, B=1: 16 beat 8, 24 and 33).
 constexpr int kMaxAutoSplits = 16;
