@@ -74,14 +74,15 @@ Napi::Value PageTableHandle::stage(const Napi::CallbackInfo& info) {
     KV_CHECK(last[b] >= 1, Range, "Expected lastPageLen[", b, "] >= 1 but received ", last[b]);
     table->max_last_page_len = std::max(table->max_last_page_len, last[b]);
   }
-  for (int64_t i = 0; i < indices.size; ++i) {
-    KV_CHECK(indices[i] >= 0, Range, "Expected indices[", i, "] >= 0 but received ", indices[i]);
-    table->max_index = std::max(table->max_index, indices[i]);
-  }
+  // indptr runs from 0 to indices.size without decreasing: this visits every index once, in order.
   for (int b = 0; b < table->batch; ++b) {
-    for (int64_t i = indptr[b]; i + 1 < indptr[b + 1]; ++i) table->max_inner_index = std::max(table->max_inner_index, indices[i]);
-    table->max_last_index = std::max(table->max_last_index, indices[indptr[b + 1] - 1]);
+    for (int64_t i = indptr[b]; i < indptr[b + 1]; ++i) {
+      KV_CHECK(indices[i] >= 0, Range, "Expected indices[", i, "] >= 0 but received ", indices[i]);
+      int32_t& most = i + 1 < indptr[b + 1] ? table->max_inner_index : table->max_last_index;
+      most = std::max(most, indices[i]);
+    }
   }
+  table->max_index = std::max(table->max_inner_index, table->max_last_index);
   table->indptr.assign(indptr.data, indptr.data + indptr.size);
   table->indices.assign(indices.data, indices.data + indices.size);
   table->last_page_len.assign(last.data, last.data + last.size);
